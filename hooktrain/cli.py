@@ -1,0 +1,190 @@
+"""The ``hooktrain`` command: run, list, resume, eval.
+
+Commands import the engine inside their bodies so ``hooktrain --help`` answers without
+loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hooktrain.errors import HooktrainError
+
+DEVICES = click.Choice(["auto", "cpu", "cuda"])
+
+
+class UserError(click.ClickException):
+    """A :class:`HooktrainError` on its way out: the message alone, exit code 2."""
+
+    exit_code = 2
+
+
+class _Commands(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HooktrainError as error:
+            raise UserError(str(error)) from error
+
+
+def _data_dir_option(function: Any) -> Any:
+    return click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Folder with cifar-10-batches-py/ or train/ and test/ class folders "
+        "(default: the cache folder, downloading there if needed).",
+    )(function)
+
+
+def _device_option(function: Any) -> Any:
+    return click.option(
+        "--device", type=DEVICES, default="auto", show_default=True, help="Where to train."
+    )(function)
+
+
+@click.group(cls=_Commands)
+def main() -> None:
+    """hooktrain: functional, plugin-driven training for PyTorch."""
+
+
+@main.command()
+@click.argument("recipe_name", metavar="RECIPE")
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a recipe field (epochs=12) or plugin setting (grad_clip.max=0.05).",
+)
+@click.option("--with", "with_plugins", multiple=True, metavar="PLUGIN", help="Add a plugin.")
+@click.option(
+    "--without",
+    "without_plugins",
+    multiple=True,
+    metavar="PLUGIN",
+    help="Drop one of the recipe's plugins.",
+)
+@_data_dir_option
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Run folder (default: runs/RECIPE-TIMESTAMP).",
+)
+@click.option("--seed", type=int, help="Seed for initialisation, data order and augmentation.")
+@_device_option
+def run(
+    recipe_name: str,
+    assignments: tuple[str, ...],
+    with_plugins: tuple[str, ...],
+    without_plugins: tuple[str, ...],
+    data_dir: Path | None,
+    out: Path | None,
+    seed: int | None,
+    device: str,
+) -> None:
+    """Train RECIPE (a name from `hooktrain list` or a .py file that assigns `recipe`)."""
+    from hooktrain.engine.loop import train
+    from hooktrain.engine.recipe import apply_overrides, load_recipe
+
+    if seed is not None:
+        assignments = (*assignments, f"seed={seed}")
+    recipe = apply_overrides(load_recipe(recipe_name), assignments, with_plugins, without_plugins)
+    out = out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()):
+        raise HooktrainError(
+            f"The run folder {out} is not empty; pass another --out, or continue that run "
+            f"with `hooktrain resume {out}`."
+        )
+    train(recipe, out_dir=out, data_dir=data_dir, device=device, echo=click.echo)
+
+
+@main.command(name="list")
+def list_() -> None:
+    """List the recipes and plugins, the installed third-party ones too."""
+    from hooktrain.engine.plugin import plugin_classes
+    from hooktrain.engine.recipe import recipe_paths
+
+    def first_line(obj: Any) -> str:
+        return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+
+    click.echo("recipes:")
+    for name, path in sorted(recipe_paths().items()):
+        module = importlib.import_module(path.partition(":")[0])
+        click.echo(f"  {name:<20} {first_line(module)}")
+    click.echo("plugins:")
+    for name, cls in sorted(plugin_classes().items()):
+        click.echo(f"  {name:<20} {first_line(cls)}")
+
+
+def _newest_checkpoint(run_dir: Path) -> Path:
+    from hooktrain.engine.checkpoints import load_checkpoint
+    from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST
+
+    candidates = [run_dir / CHECKPOINT_FOLDER / n for n in (LAST, BEST)]
+    existing = [path for path in candidates if path.is_file()]
+    if not existing:
+        raise HooktrainError(
+            f"{run_dir} has no checkpoints/{LAST}; pass the folder of a run that saved one."
+        )
+    return max(existing, key=lambda path: load_checkpoint(path)["state"]["step"])
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
+@_data_dir_option
+@click.option("--device", type=DEVICES, help="Where to train (default: as the run was started).")
+def resume(run_dir: Path, data_dir: Path | None, device: str | None) -> None:
+    """Continue the run in RUN_DIR from its newest checkpoint."""
+    from hooktrain.engine.checkpoints import load_checkpoint
+    from hooktrain.engine.loop import CONFIG_FILE, train
+    from hooktrain.engine.recipe import recipe_from_config
+
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise HooktrainError(f"{run_dir} is not a hooktrain run folder (no {CONFIG_FILE}).")
+    config = json.loads(config_path.read_text())
+    path = _newest_checkpoint(run_dir)
+    payload = load_checkpoint(path)
+    if payload["recipe"] != config["recipe"]["name"]:
+        raise HooktrainError(
+            f"{path} was written by the recipe {payload['recipe']!r}, but {run_dir} is a run "
+            f"of {config['recipe']['name']!r}; move the checkpoint back to its own run folder."
+        )
+    recipe = recipe_from_config(payload["config"])
+    if payload["state"]["epoch"] >= recipe.epochs:
+        raise HooktrainError(
+            f"The run in {run_dir} has finished (epoch {recipe.epochs} of {recipe.epochs}); "
+            f"there is nothing to resume: start a new one with `hooktrain run`."
+        )
+    saved_data = payload["config"]["run"]["data_dir"]
+    data_dir = data_dir or (Path(saved_data) if saved_data else None)
+    device = device or payload["config"]["run"]["device"]
+    click.echo(f"resuming {run_dir} from {path.name} (epoch {payload['state']['epoch']})")
+    train(
+        recipe, out_dir=run_dir, data_dir=data_dir, device=device, resume=payload, echo=click.echo
+    )
+
+
+@main.command(name="eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path, dir_okay=False))
+@_data_dir_option
+@_device_option
+def eval_(checkpoint: Path, data_dir: Path | None, device: str) -> None:
+    """Test accuracy of a CHECKPOINT on the test images."""
+    from hooktrain.engine.checkpoints import load_checkpoint
+    from hooktrain.engine.loop import evaluate_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    saved_data = payload["config"]["run"]["data_dir"]
+    data_dir = data_dir or (Path(saved_data) if saved_data else None)
+    result = evaluate_checkpoint(payload, data_dir, device)
+    click.echo(
+        f"{checkpoint}: test accuracy {result.accuracy:.2%}, test loss {result.loss:.4f} "
+        f"({payload['recipe']}, epoch {payload['state']['epoch']})"
+    )

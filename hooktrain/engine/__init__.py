@@ -1,0 +1,1 @@
+"""The engine: state, the pure step, functional optimizers, data, the event loop, hookspecs."""

@@ -1,0 +1,145 @@
+"""Plugins: the base class, discovery through entry points, and the plugin manager."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import attrs
+import pluggy
+
+from hooktrain.engine import hookspecs
+from hooktrain.errors import HooktrainError
+
+PLUGIN_GROUP = "hooktrain.plugins"
+
+BUILTIN_PLUGINS = {
+    "onecycle": "hooktrain.plugins.onecycle:OneCycle",
+    "weight_decay": "hooktrain.plugins.weight_decay:WeightDecay",
+    "grad_clip": "hooktrain.plugins.grad_clip:GradClip",
+    "checkpoint": "hooktrain.plugins.checkpoint:Checkpoint",
+    "metrics": "hooktrain.plugins.metrics:Metrics",
+}
+
+
+@attrs.define(kw_only=True)
+class Plugin:
+    """Base class of plugins: an attrs class whose fields are its settings.
+
+    Subclasses set ``default_name``; an instance's ``name`` keys its settings on the command
+    line (``--set NAME.FIELD=VALUE``) and its state in checkpoints, so two instances of one
+    plugin class need different names. Methods marked ``@hookimpl`` implement the hooks of
+    :mod:`hooktrain.engine.hookspecs`.
+    """
+
+    default_name: ClassVar[str] = ""
+    name: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if not self.name:
+            self.name = self.default_name or type(self).__name__.lower()
+
+    def settings(self) -> dict[str, Any]:
+        """The plugin's settings (its init fields), as given to its constructor."""
+        return {f.name: getattr(self, f.name) for f in attrs.fields(type(self)) if f.init}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to keep in checkpoints; empty for plugins whose behaviour follows the step."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned."""
+
+
+def import_object(path: str) -> Any:
+    """The object at ``"package.module:attribute"``."""
+    module_name, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def class_path(cls: type) -> str:
+    """``"package.module:Class"``, the inverse of :func:`import_object` for classes."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def plugin_classes() -> dict[str, type[Plugin]]:
+    """Every plugin class by name: the built-in ones, then those of installed packages."""
+    classes: dict[str, type[Plugin]] = {
+        name: import_object(path) for name, path in BUILTIN_PLUGINS.items()
+    }
+    for entry in entry_points(group=PLUGIN_GROUP):
+        try:
+            classes[entry.name] = entry.load()
+        except Exception as error:  # a broken third-party package must not hide the rest
+            raise HooktrainError(
+                f"The plugin {entry.name!r} (entry point {entry.value}) failed to import "
+                f"({type(error).__name__}: {error}); fix or uninstall the package that provides it."
+            ) from error
+    return classes
+
+
+def make_plugin(kind: str, settings: dict[str, Any] | None = None) -> Plugin:
+    """An instance of the plugin class registered as ``kind``."""
+    classes = plugin_classes()
+    if kind not in classes:
+        raise HooktrainError(
+            f"Unknown plugin {kind!r}; `hooktrain list` shows the installed ones "
+            f"({', '.join(sorted(classes))})."
+        )
+    return classes[kind](**(settings or {}))
+
+
+def make_plugin_manager(plugins: Sequence[Plugin]) -> pluggy.PluginManager:
+    """A plugin manager with ``plugins`` registered so hooks call them in the given order."""
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    names = [plugin.name for plugin in plugins]
+    for name in names:
+        if names.count(name) > 1:
+            raise HooktrainError(
+                f"Two plugins are named {name!r}; give one a different name "
+                f"(e.g. {name}_2) so their settings and checkpoint state stay apart."
+            )
+    try:
+        # pluggy calls the most recently registered implementation first.
+        for plugin in reversed(plugins):
+            manager.register(plugin, name=plugin.name)
+        manager.check_pending()
+    except pluggy.PluginValidationError as error:
+        name = getattr(error.plugin, "name", type(error.plugin).__name__)
+        raise HooktrainError(
+            f"The plugin {name!r} does not fit hooktrain's hooks ({error}); see "
+            "hooktrain/engine/hookspecs.py for the hook names and their arguments."
+        ) from error
+    return manager
+
+
+def call_order(manager: pluggy.PluginManager, hook_name: str) -> list[str]:
+    """The names of the plugins implementing ``hook_name``, in the order they are called."""
+    implementations = getattr(manager.hook, hook_name).get_hookimpls()
+    return [impl.plugin_name for impl in reversed(implementations)]
+
+
+def contributions(manager: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[tuple]:
+    """``(plugin name, result)`` of every plugin that answers a build hook, in call order."""
+    results = []
+    for impl in reversed(getattr(manager.hook, hook_name).get_hookimpls()):
+        result = impl.function(*(kwargs[arg] for arg in impl.argnames))
+        if result is not None:
+            results.append((impl.plugin_name, result))
+    return results
+
+
+def sole_contribution(manager: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> Any:
+    """The one answer to a *one claimant* build hook, None if no plugin answers."""
+    answers = contributions(manager, hook_name, **kwargs)
+    if len(answers) > 1:
+        claimants = " and ".join(repr(name) for name, _ in answers)
+        what = hook_name.removeprefix("hooktrain_").replace("_", " ")
+        raise HooktrainError(
+            f"Plugins {claimants} both provide the {what}; keep one of them "
+            f"(e.g. --without {answers[-1][0]})."
+        )
+    return answers[0][1] if answers else None

@@ -1,0 +1,307 @@
+"""Recipes: a run described as data, and the one way to override it.
+
+Precedence is fixed: the recipe's defaults < the recipe (built-in, installed or a ``.py`` file)
+< the command line (``--without``, then ``--with``, then ``--set`` in the order given). Keys are
+recipe fields (``epochs``) or ``PLUGIN.FIELD`` (``grad_clip.max``); unknown keys and values of
+the wrong type are errors that name the valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import types
+import typing
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import attrs
+
+from hooktrain.engine.plugin import Plugin, class_path, import_object, make_plugin
+from hooktrain.errors import HooktrainError
+
+RECIPE_GROUP = "hooktrain.recipes"
+BUILTIN_RECIPES = {"resnet9_cifar10": "hooktrain.recipes.resnet9_cifar10:recipe"}
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and value <= 0:
+        raise HooktrainError(f"{attribute.name} must be greater than 0, not {value!r}.")
+
+
+@attrs.frozen(kw_only=True)
+class Recipe:
+    """A training run: model, data, optimizer, hyperparameters and plugins.
+
+    Choice fields are typed with ``Literal`` so overrides are checked against them; ``auto``
+    precision and memory format mean bf16 autocast and channels_last on CUDA, fp32 and
+    contiguous on CPU.
+    """
+
+    name: str
+    model: str = "resnet9"
+    width: int = attrs.field(default=64, validator=_positive)
+    dropout: float = 0.0
+    epochs: int = attrs.field(default=8, validator=_positive)
+    batch_size: int = attrs.field(default=400, validator=_positive)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    max_lr: float = attrs.field(default=0.01, validator=_positive)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = True
+    pad: int = 4
+    pad_mode: Literal["reflect", "zeros"] = "reflect"
+    flip: bool = True
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    train_limit: int | None = attrs.field(default=None, validator=_positive)
+    eval_batch_size: int = attrs.field(default=1000, validator=_positive)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
+    compile: bool = False
+    seed: int = 0
+    plugins: tuple[Plugin, ...] = ()
+
+    def plugin(self, name: str) -> Plugin | None:
+        """The plugin instance with this name, if the recipe has one."""
+        return next((p for p in self.plugins if p.name == name), None)
+
+
+def field_names(cls: type) -> list[str]:
+    """The fields a user may set on an attrs class."""
+    return [f.name for f in attrs.fields(cls) if f.init and f.name not in ("plugins", "name")]
+
+
+# --------------------------------------------------------------------------------------------
+# Typed values from text (command line) and JSON (saved configs)
+# --------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` (text or JSON) as an instance of ``annotation``, or a sentence saying why not."""
+
+    def fail(expected: str) -> HooktrainError:
+        return HooktrainError(f"{key} must be {expected}, not {value!r}.")
+
+    origin = get_origin(annotation)
+    if origin is Literal:
+        choices = get_args(annotation)
+        if value not in choices:
+            raise fail("one of " + ", ".join(map(str, choices)))
+        return value
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, options[0], key)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        item_types = get_args(annotation)
+        if not isinstance(items, list | tuple):
+            raise fail("a comma-separated list")
+        if item_types[-1] is Ellipsis:
+            return tuple(coerce(item, item_types[0], key) for item in items)
+        if len(items) != len(item_types):
+            raise fail(f"{len(item_types)} comma-separated values")
+        return tuple(coerce(i, t, key) for i, t in zip(items, item_types, strict=True))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        raise fail("true or false")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise fail(f"a number ({annotation.__name__})")
+        try:
+            number = annotation(value)
+        except (TypeError, ValueError):
+            raise fail(f"a number ({annotation.__name__})") from None
+        if annotation is int and isinstance(value, float) and value != number:
+            raise fail("a whole number")
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise fail("text")
+        return value
+    raise HooktrainError(f"{key} cannot be set from the command line.")
+
+
+def _unknown_key(key: str, valid: Sequence[str], where: str) -> HooktrainError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return HooktrainError(
+        f"{where} has no setting {key!r}.{hint} Valid settings: {', '.join(valid)}."
+    )
+
+
+def _evolve(obj: Any, changes: dict[str, Any], where: str, prefix: str = "") -> Any:
+    """``attrs.evolve`` with every value coerced to its field's type."""
+    types_ = typing.get_type_hints(type(obj))
+    valid = field_names(type(obj))
+    typed = {}
+    for key, value in changes.items():
+        if key not in valid:
+            raise _unknown_key(prefix + key, [prefix + name for name in valid], where)
+        typed[key] = coerce(value, types_[key], prefix + key)
+    return attrs.evolve(obj, **typed)
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """``"key=value"`` as its two halves."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise HooktrainError(f"--set takes KEY=VALUE (e.g. --set epochs=12), not {text!r}.")
+    return key.strip(), value.strip()
+
+
+def apply_overrides(
+    recipe: Recipe,
+    assignments: Sequence[str] = (),
+    with_plugins: Sequence[str] = (),
+    without_plugins: Sequence[str] = (),
+) -> Recipe:
+    """The recipe with plugins dropped, added and settings changed, as the command line asks."""
+    plugins = list(recipe.plugins)
+    for name in without_plugins:
+        if recipe.plugin(name) is None:
+            raise HooktrainError(
+                f"--without {name}: the recipe {recipe.name!r} has no plugin {name!r} "
+                f"(its plugins: {', '.join(p.name for p in plugins) or 'none'})."
+            )
+        plugins = [p for p in plugins if p.name != name]
+    for name in with_plugins:
+        if any(p.name == name for p in plugins):
+            raise HooktrainError(f"--with {name}: the recipe already has the plugin {name!r}.")
+        plugins.append(make_plugin(name))
+
+    recipe_changes: dict[str, str] = {}
+    plugin_changes: dict[str, dict[str, str]] = {}
+    for text in assignments:
+        key, value = parse_assignment(text)
+        prefix, dot, rest = key.partition(".")
+        if dot:
+            if not any(p.name == prefix for p in plugins):
+                names = [p.name for p in plugins]
+                close = difflib.get_close_matches(prefix, names, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise HooktrainError(
+                    f"--set {key}: there is no plugin {prefix!r} in this run ({hint}plugins: "
+                    f"{', '.join(names) or 'none'}); add it with --with {prefix} or check the "
+                    "spelling."
+                )
+            plugin_changes.setdefault(prefix, {})[rest] = value
+        else:
+            recipe_changes[key] = value
+    plugins = [
+        _evolve(p, plugin_changes[p.name], f"The plugin {p.name!r}", f"{p.name}.")
+        if p.name in plugin_changes
+        else p
+        for p in plugins
+    ]
+    return _evolve(attrs.evolve(recipe, plugins=tuple(plugins)), recipe_changes, "The recipe")
+
+
+# --------------------------------------------------------------------------------------------
+# The resolved configuration, saved in the run folder and read back on resume
+# --------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def recipe_to_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain JSON data; :func:`recipe_from_config` rebuilds it."""
+    fields = {f: _jsonable(getattr(recipe, f)) for f in ["name", *field_names(Recipe)]}
+    plugins = [
+        {
+            "class": class_path(type(p)),
+            "name": p.name,
+            "settings": {k: _jsonable(v) for k, v in p.settings().items() if k != "name"},
+        }
+        for p in recipe.plugins
+    ]
+    return {"recipe": fields, "plugins": plugins}
+
+
+def recipe_from_config(config: dict[str, Any]) -> Recipe:
+    """The recipe a saved configuration describes."""
+    try:
+        plugins = []
+        for entry in config["plugins"]:
+            try:
+                cls = import_object(entry["class"])
+            except (ImportError, AttributeError) as error:
+                raise HooktrainError(
+                    f"The plugin class {entry['class']} of this run cannot be imported ({error}); "
+                    "install the package that provides it."
+                ) from error
+            plugin = _evolve(
+                cls(name=entry["name"]), entry["settings"], "The saved plugin", f"{entry['name']}."
+            )
+            plugins.append(plugin)
+        fields = dict(config["recipe"])
+        base = Recipe(name=fields.pop("name"), plugins=tuple(plugins))
+        return _evolve(base, fields, "The saved recipe")
+    except (KeyError, TypeError) as error:
+        raise HooktrainError(
+            f"The saved configuration is incomplete ({error!r} missing or malformed); "
+            "it was not written by this version of hooktrain."
+        ) from error
+
+
+# --------------------------------------------------------------------------------------------
+# Finding recipes
+# --------------------------------------------------------------------------------------------
+
+
+def recipe_paths() -> dict[str, str]:
+    """Every recipe by name: ``"module:attribute"`` of the built-in and installed ones."""
+    paths = dict(BUILTIN_RECIPES)
+    paths.update({entry.name: entry.value for entry in entry_points(group=RECIPE_GROUP)})
+    return paths
+
+
+def _recipe_from_file(path: Path) -> Recipe:
+    spec = importlib.util.spec_from_file_location(f"hooktrain_recipe_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise HooktrainError(f"{path} is not a Python file; a recipe file ends in .py.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    recipe = getattr(module, "recipe", None)
+    if not isinstance(recipe, Recipe):
+        raise HooktrainError(
+            f"{path} defines no `recipe = Recipe(...)`; a recipe file must assign one."
+        )
+    return recipe
+
+
+def load_recipe(name: str) -> Recipe:
+    """A recipe by registered name, or from a ``.py`` file that assigns ``recipe``."""
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise HooktrainError(f"The recipe file {path} does not exist.")
+        return _recipe_from_file(path)
+    paths = recipe_paths()
+    if name not in paths:
+        close = difflib.get_close_matches(name, list(paths), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise HooktrainError(
+            f"Unknown recipe {name!r}.{hint} Known recipes: {', '.join(sorted(paths))} "
+            "(or pass a .py file that assigns `recipe`)."
+        )
+    recipe = import_object(paths[name])
+    if not isinstance(recipe, Recipe):
+        raise HooktrainError(f"The recipe {name!r} ({paths[name]}) is not a hooktrain Recipe.")
+    return recipe

@@ -1,0 +1,91 @@
+"""The training state: one frozen record holding everything a run needs to continue.
+
+Synopsis::
+
+    state = TrainState.create(model, optimizer, seed=0)
+    for batch in batches:
+        state, metrics = step(state, batch)       # a pure function: old state in, new state out
+    save(state.to_dict())                          # a checkpoint is this record written out
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from hooktrain.engine.optim import Optimizer, OptState
+
+
+def data_generator(seed: int) -> torch.Generator:
+    """The CPU generator that draws data order and augmentation for a run with this seed."""
+    # Offset from the model-init seed so data order is not correlated with initial weights.
+    return torch.Generator().manual_seed(seed + 1_000_003)
+
+
+def capture_global_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global RNG states that model code (dropout) draws from, as tensors."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+@attrs.frozen
+class TrainState:
+    """Step and epoch counters, parameters, buffers, optimizer state and RNG states.
+
+    ``params`` and ``buffers`` map the model's names to tensors; ``opt_state`` is whatever the
+    optimizer's ``init`` returned; ``rng`` holds ``data`` (the data generator's state at the
+    start of the current epoch) and the global ``torch`` (and ``cuda``) RNG states as captured
+    at the last epoch boundary.
+    """
+
+    step: int
+    epoch: int
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    opt_state: OptState
+    rng: dict[str, torch.Tensor]
+
+    @classmethod
+    def create(cls, model: nn.Module, optimizer: Optimizer, seed: int) -> TrainState:
+        """The state before the first step, taking the model's current weights."""
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        buffers = {name: b.detach() for name, b in model.named_buffers()}
+        device = next(iter(params.values())).device
+        rng = {"data": data_generator(seed).get_state(), **capture_global_rng(device)}
+        return cls(0, 0, params, buffers, optimizer.init(list(params.values())), rng)
+
+    def replace(self, **changes: Any) -> TrainState:
+        """A copy with some fields changed (the record itself never changes)."""
+        return attrs.evolve(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers of tensors and numbers, loadable with ``weights_only=True``."""
+        return attrs.asdict(self, recurse=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], device: torch.device) -> TrainState:
+        """Rebuild a state written by :meth:`to_dict`, moving tensors to ``device``."""
+
+        def to_device(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            if isinstance(value, dict):
+                return {k: to_device(v) for k, v in value.items()}
+            if isinstance(value, list | tuple):
+                return [to_device(v) for v in value]
+            return value
+
+        # RNG states stay on the CPU: torch's setters take CPU byte tensors.
+        return cls(
+            step=int(data["step"]),
+            epoch=int(data["epoch"]),
+            params=to_device(data["params"]),
+            buffers=to_device(data["buffers"]),
+            opt_state=to_device(data["opt_state"]),
+            rng=dict(data["rng"]),
+        )

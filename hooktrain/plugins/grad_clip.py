@@ -1,0 +1,55 @@
+"""Gradient clipping by value (the seed's ``clip_grad_value_``) or by global norm."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import torch
+
+from hooktrain.engine.context import BuildContext
+from hooktrain.engine.hookspecs import hookimpl
+from hooktrain.engine.pieces import GradientTransform
+from hooktrain.engine.plugin import Plugin
+
+Tensors = list[torch.Tensor]
+
+
+def global_norm(grads: Tensors) -> torch.Tensor:
+    """The L2 norm of all gradients together, as ``clip_grad_norm_`` measures it."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def clip_by_value(limit: float) -> GradientTransform:
+    """Clamp every gradient element to ``[-limit, limit]``; report the pre-clip global norm."""
+
+    def transform(grads: Tensors, params: Tensors) -> tuple[Tensors, dict[str, torch.Tensor]]:
+        clipped = torch._foreach_clamp_max(torch._foreach_clamp_min(grads, -limit), limit)
+        return clipped, {"grad_norm": global_norm(grads)}
+
+    return transform
+
+
+def clip_by_norm(max_norm: float) -> GradientTransform:
+    """Scale all gradients down together so their global norm is at most ``max_norm``."""
+
+    def transform(grads: Tensors, params: Tensors) -> tuple[Tensors, dict[str, torch.Tensor]]:
+        norm = global_norm(grads)
+        # The same epsilon and clamp as torch.nn.utils.clip_grad_norm_.
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        return torch._foreach_mul(grads, scale), {"grad_norm": norm}
+
+    return transform
+
+
+@attrs.define
+class GradClip(Plugin):
+    """Clip gradients by value (default, 0.1 as the seed) or by global norm."""
+
+    default_name = "grad_clip"
+    max: float = 0.1
+    mode: Literal["value", "norm"] = "value"
+
+    @hookimpl
+    def hooktrain_gradient_transform(self, build: BuildContext) -> GradientTransform:
+        return clip_by_value(self.max) if self.mode == "value" else clip_by_norm(self.max)

@@ -1,0 +1,1 @@
+"""Built-in recipes: each module assigns ``recipe``."""

@@ -1,0 +1,36 @@
+"""The seed's run: ResNet-9 on CIFAR-10 with Adam, one-cycle, weight decay and clipping.
+
+ResNet-9 (conv-BN-ReLU 64, 128 + pool, residual 128, 256 + pool, 512 + pool, residual 512,
+pool, dropout 0.2, linear 10), batches of 400 for 8 epochs; augmentation is a random 32x32 crop
+of the image padded by 4 (reflected) and a random horizontal flip; Adam with L2 weight decay
+1e-4, the learning rate one-cycled up to 0.01 and back down every batch, gradients clipped to
+[-0.1, 0.1]. On CUDA it runs in bf16 autocast with channels_last.
+"""
+
+from hooktrain.engine.recipe import Recipe
+from hooktrain.plugins.checkpoint import Checkpoint
+from hooktrain.plugins.grad_clip import GradClip
+from hooktrain.plugins.metrics import Metrics
+from hooktrain.plugins.onecycle import OneCycle
+from hooktrain.plugins.weight_decay import WeightDecay
+
+recipe = Recipe(
+    name="resnet9_cifar10",
+    model="resnet9",
+    width=64,
+    dropout=0.2,
+    epochs=8,
+    batch_size=400,
+    optimizer="adam",
+    max_lr=0.01,
+    pad=4,
+    pad_mode="reflect",
+    flip=True,
+    plugins=(
+        OneCycle(pct_start=0.3),
+        WeightDecay(rate=1e-4),
+        GradClip(max=0.1, mode="value"),
+        Metrics(),
+        Checkpoint(every=1),
+    ),
+)

@@ -1,0 +1,221 @@
+"""The functional step against plain PyTorch: torch.optim, OneCycleLR and clip_grad_value_."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hooktrain.engine.optim import adam, make_optimizer, sgd
+from hooktrain.engine.pieces import DecayRule
+from hooktrain.engine.state import TrainState
+from hooktrain.engine.step import StepPieces, build_evaluate, build_step, constant_schedule
+from hooktrain.plugins.grad_clip import clip_by_value
+from hooktrain.plugins.onecycle import onecycle_schedule
+
+STEPS = 6
+
+
+def small_net() -> nn.Module:
+    # No conv bias before BatchNorm: its gradient is zero up to rounding noise, which Adam
+    # would scale up to full steps of random sign and so no two implementations would agree.
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+
+def batches(count: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(16, 3, 8, 8, generator=generator),
+            torch.randint(0, 10, (16,), generator=generator),
+        )
+        for _ in range(count)
+    ]
+
+
+def decays(name: str) -> bool:
+    """Conv and linear weights decay, BatchNorm parameters and biases do not."""
+    return name.endswith("weight") and not name.startswith(("1.", "4."))
+
+
+def torch_groups(model: nn.Module, rate: float) -> list[dict]:
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if decays(n)], "weight_decay": rate},
+        {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0},
+    ]
+
+
+def run_ours(pieces: StepPieces, model: nn.Module, data) -> TrainState:
+    state = TrainState.create(model, pieces.optimizer, seed=0)
+    step = build_step(pieces)
+    for batch in data:
+        state, _ = step(state, batch)
+    return state
+
+
+def assert_same_model(state: TrainState, model: nn.Module, atol: float = 1e-6) -> None:
+    for name, tensor in model.named_parameters():
+        torch.testing.assert_close(state.params[name], tensor.detach(), atol=atol, rtol=1e-5)
+    for name, tensor in model.named_buffers():
+        torch.testing.assert_close(state.buffers[name], tensor, atol=atol, rtol=1e-5)
+
+
+OPTIMIZERS = {
+    "adam_l2": (
+        lambda: adam(),
+        lambda groups, lr: torch.optim.Adam(groups, lr=lr),
+        False,
+    ),
+    "adamw": (
+        lambda: adam(decoupled_decay=True),
+        lambda groups, lr: torch.optim.AdamW(groups, lr=lr),
+        True,
+    ),
+    "sgd_nesterov": (
+        lambda: sgd(momentum=0.9, nesterov=True),
+        lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True),
+        False,
+    ),
+    "sgd_momentum": (
+        lambda: sgd(momentum=0.8, nesterov=False),
+        lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.8),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_optimizer_with_weight_decay_groups_matches_torch_optim(kind: str) -> None:
+    make_ours, make_torch, decoupled = OPTIMIZERS[kind]
+    rate, lrs = 0.05, [0.01, 0.02, 0.005, 0.03, 0.01, 0.002]
+    model = small_net()
+    reference = copy.deepcopy(model)
+    optimizer = make_torch(torch_groups(reference, rate), lrs[0])
+    for (x, y), lr in zip(batches(), lrs, strict=True):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        optimizer.step()
+
+    names = tuple(n for n, _ in model.named_parameters())
+    lr_table = torch.tensor(lrs)
+    pieces = StepPieces(
+        model=model,
+        optimizer=make_ours(),
+        param_names=names,
+        schedule=lambda step: lr_table[step],
+        decay=DecayRule(rate_of=lambda n: rate if decays(n) else 0.0, decoupled=decoupled),
+    )
+    assert_same_model(run_ours(pieces, model, batches()), reference)
+
+
+def test_seed_training_loop_matches_plain_pytorch() -> None:
+    """Adam + L2 1e-4 + OneCycleLR per batch + clip_grad_value_(0.1), as the seed notebook."""
+    max_lr, steps = 0.01, 12
+    model = small_net()
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(reference.parameters(), lr=max_lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr, total_steps=steps, cycle_momentum=False
+    )
+    data = batches(steps)
+    for x, y in data:
+        optimizer.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        nn.utils.clip_grad_value_(reference.parameters(), 0.1)
+        optimizer.step()
+        scheduler.step()
+
+    pieces = StepPieces(
+        model=model,
+        optimizer=make_optimizer("adam", betas=(0.9, 0.999), eps=1e-8, momentum=0, nesterov=False),
+        param_names=tuple(n for n, _ in model.named_parameters()),
+        schedule=onecycle_schedule(max_lr, steps),
+        transforms=[clip_by_value(0.1)],
+        decay=DecayRule(rate_of=lambda n: 1e-4),
+    )
+    assert_same_model(run_ours(pieces, model, data), reference)
+
+
+def test_step_is_pure_and_reports_device_metrics() -> None:
+    model = small_net()
+    optimizer = adam()
+    pieces = StepPieces(
+        model=model,
+        optimizer=optimizer,
+        param_names=tuple(n for n, _ in model.named_parameters()),
+        schedule=constant_schedule(0.01),
+        transforms=[clip_by_value(0.1)],
+    )
+    state = TrainState.create(model, optimizer, seed=0)
+    before = {k: v.clone() for k, v in {**state.params, **state.buffers}.items()}
+    new_state, metrics = build_step(pieces)(state, batches(1)[0])
+    for name, tensor in {**state.params, **state.buffers}.items():
+        assert torch.equal(tensor, before[name]), f"the step wrote to its input {name}"
+    assert new_state.step == 1 and int(new_state.opt_state["count"]) == 1
+    assert set(metrics) == {"loss", "lr", "grad_norm"}
+    assert all(v.dim() == 0 for v in metrics.values())
+    assert float(metrics["lr"]) == pytest.approx(0.01)
+
+
+def test_evaluate_matches_the_model_in_eval_mode() -> None:
+    model = small_net()
+    state = run_ours(
+        StepPieces(
+            model, adam(), tuple(n for n, _ in model.named_parameters()), constant_schedule(0.01)
+        ),
+        model,
+        batches(3),
+    )
+    reference = copy.deepcopy(model).eval()
+    reference.load_state_dict({**state.params, **state.buffers})
+    data = batches(2)
+    with torch.no_grad():
+        logits = torch.cat([reference(x) for x, _ in data])
+    targets = torch.cat([y for _, y in data])
+    result = build_evaluate(copy.deepcopy(model).eval(), None)(state, data)
+    assert result.loss == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
+    assert result.accuracy == pytest.approx((logits.argmax(1) == targets).float().mean().item())
+
+
+def test_compiled_step_matches_eager() -> None:
+    """One compile of the whole step (forward, backward, clip, decay, Adam): ~30 s on CPU."""
+    model = small_net()
+    names = tuple(n for n, _ in model.named_parameters())
+    pieces = StepPieces(
+        model=model,
+        optimizer=adam(),
+        param_names=names,
+        schedule=onecycle_schedule(0.01, STEPS),
+        transforms=[clip_by_value(0.1)],
+        decay=DecayRule(rate_of=lambda n: 1e-4 if decays(n) else 0.0),
+    )
+    results = []
+    for compile in (False, True):
+        state = TrainState.create(model, pieces.optimizer, seed=0)
+        step = build_step(pieces, compile=compile)
+        losses = []
+        for batch in batches():
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        results.append((state, losses))
+    (eager, eager_losses), (compiled, compiled_losses) = results
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)
+    for name in names:
+        torch.testing.assert_close(compiled.params[name], eager.params[name], atol=1e-5, rtol=1e-4)
