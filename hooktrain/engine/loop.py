@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pluggy
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,6 +119,27 @@ def _check_compatible(state: dict[str, Any], model_params: dict[str, torch.Tenso
         )
 
 
+def _compose(
+    manager: pluggy.PluginManager,
+    build: BuildContext,
+    model: nn.Module,
+    autocast_dtype: torch.dtype | None,
+) -> StepPieces:
+    """The step's pieces: what the plugins contribute, defaults for what none does."""
+    transforms = contributions(manager, "hooktrain_gradient_transform", build=build)
+    return StepPieces(
+        model=model,
+        optimizer=build.optimizer,
+        param_names=build.param_names,
+        schedule=sole_contribution(manager, "hooktrain_lr_schedule", build=build)
+        or constant_schedule(build.recipe.max_lr),
+        transforms=[transform for _, transform in transforms],
+        decay=sole_contribution(manager, "hooktrain_weight_decay", build=build),
+        loss=sole_contribution(manager, "hooktrain_loss", build=build) or F.cross_entropy,
+        autocast_dtype=autocast_dtype,
+    )
+
+
 def train(
     recipe: Recipe,
     *,
@@ -155,22 +177,14 @@ def train(
         momentum=recipe.momentum,
         nesterov=recipe.nesterov,
     )
-    param_shapes = {name: p.shape for name, p in model.named_parameters()}
-    build = BuildContext(recipe, param_shapes, data.steps_per_epoch, optimizer)
     autocast_dtype = _autocast_dtype(recipe, torch_device)
-    pieces = StepPieces(
-        model=model,
-        optimizer=optimizer,
-        param_names=build.param_names,
-        schedule=sole_contribution(manager, "hooktrain_lr_schedule", build=build)
-        or constant_schedule(recipe.max_lr),
-        transforms=[
-            t for _, t in contributions(manager, "hooktrain_gradient_transform", build=build)
-        ],
-        decay=sole_contribution(manager, "hooktrain_weight_decay", build=build),
-        loss=sole_contribution(manager, "hooktrain_loss", build=build) or F.cross_entropy,
-        autocast_dtype=autocast_dtype,
+    build = BuildContext(
+        recipe,
+        {name: p.shape for name, p in model.named_parameters()},
+        data.steps_per_epoch,
+        optimizer,
     )
+    pieces = _compose(manager, build, model, autocast_dtype)
     step = build_step(pieces, compile=recipe.compile)
     evaluate = build_evaluate(eval_model, autocast_dtype, compile=recipe.compile)
 
@@ -188,7 +202,7 @@ def train(
     config = write_config(
         out_dir,
         recipe,
-        {"data_dir": str(data_dir) if data_dir else None, "device": device},
+        {"data_dir": str(data_dir.resolve()) if data_dir else None, "device": device},
     )
 
     def checkpoint_payload(current: TrainState) -> dict[str, Any]:
