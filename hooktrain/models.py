@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from hooktrain.errors import HooktrainError
@@ -28,7 +29,7 @@ class Residual(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)
 
 

@@ -13,6 +13,7 @@ from torch.func import functional_call, grad_and_value
 
 from hooktrain.engine.optim import (
     Optimizer,
+    OptState,
     add_coupled_decay,
     apply_decoupled_decay,
     group_by_rate,
@@ -21,6 +22,7 @@ from hooktrain.engine.pieces import DecayRule, GradientTransform, LossFn, LRSche
 from hooktrain.engine.state import TrainState
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+NamedTensors = dict[str, torch.Tensor]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, torch.Tensor]]]
 
 
@@ -60,14 +62,22 @@ def build_step(pieces: StepPieces, compile: bool = False) -> StepFn:
     decay_groups = group_by_rate(decay_rates)
     decoupled = pieces.decay is not None and pieces.decay.decoupled
 
-    def loss_and_buffers(params, buffers, x, y):
+    def loss_and_buffers(
+        params: NamedTensors, buffers: NamedTensors, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, NamedTensors]:
         with _autocast(x.device, pieces.autocast_dtype):
             logits = functional_call(pieces.model, (params, buffers), (x,))
         return pieces.loss(logits.float(), y), buffers
 
     value_and_grads = grad_and_value(loss_and_buffers, has_aux=True)
 
-    def pure_step(params, buffers, opt_state, x, y):
+    def pure_step(
+        params: NamedTensors,
+        buffers: NamedTensors,
+        opt_state: OptState,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> tuple[NamedTensors, NamedTensors, OptState, dict[str, torch.Tensor]]:
         lr = pieces.schedule(opt_state["count"])
         # BatchNorm updates running statistics in place: give it copies, keep the input intact.
         fresh_buffers = {name: b.clone() for name, b in buffers.items()}
@@ -116,7 +126,9 @@ def build_evaluate(
     Sums stay on the device until the last batch: one host sync per evaluation.
     """
 
-    def batch_sums(params, buffers, x, y):
+    def batch_sums(
+        params: NamedTensors, buffers: NamedTensors, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with _autocast(x.device, autocast_dtype):
             logits = functional_call(eval_model, (params, buffers), (x,)).float()
         loss_sum = F.cross_entropy(logits, y, reduction="sum")

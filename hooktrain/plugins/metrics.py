@@ -114,6 +114,7 @@ class Metrics(Plugin):
     def hooktrain_epoch_end(self, run: RunContext, state: TrainState, report: EpochReport) -> None:
         self._flush(state.step)
         if self._bar is not None:
+            self._bar.render_progress()  # show the epoch's last window, not the one before
             self._bar.__exit__(None, None, None)
             self._bar = None
         self.history.append(report.to_dict())
