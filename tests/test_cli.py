@@ -28,6 +28,7 @@ from hooktrain.engine.checkpoints import (
     STATE_KEYS,
     VERSION,
     atomic_write,
+    copy_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -769,3 +770,22 @@ def test_save_and_load_checkpoint(tmp_path: Path) -> None:
     loaded = load_checkpoint(path)
     assert torch.equal(loaded["state"]["params"]["w"], torch.arange(3.0))
     assert os.listdir(path.parent) == ["last.pt"]
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard_link", "copy"])
+def test_copied_checkpoint_keeps_its_content_when_the_source_is_rewritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, links: bool
+) -> None:
+    if not links:
+
+        def no_links(source: object, target: object) -> None:
+            raise OSError("links are not supported here")
+
+        monkeypatch.setattr(os, "link", no_links)
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    save_checkpoint({"w": torch.ones(3)}, last)
+    copy_checkpoint(last, best)
+    save_checkpoint({"w": torch.zeros(3)}, last)
+    assert torch.equal(torch.load(best, weights_only=True)["w"], torch.ones(3))
+    assert torch.equal(torch.load(last, weights_only=True)["w"], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

@@ -46,6 +46,22 @@ def atomic_write(path: Path, write: Any) -> None:
         os.close(folder)
 
 
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Make ``target`` hold what ``source`` holds, atomically, without writing the bytes again.
+
+    A hard link shares the finished file; a later atomic write of ``source`` replaces its name
+    only, so ``target`` keeps this content. Where links are not supported, the file is copied.
+    """
+    temp = target.with_name(f".{target.name}.link.tmp")
+    temp.unlink(missing_ok=True)
+    try:
+        os.link(source, temp)
+    except OSError:
+        atomic_write(target, lambda file: file.write(source.read_bytes()))
+        return
+    os.replace(temp, target)
+
+
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """Write a checkpoint payload (see ``RunContext.checkpoint_payload``) atomically."""
     atomic_write(path, lambda file: torch.save(payload, file))

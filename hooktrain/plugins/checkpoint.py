@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from hooktrain.engine.checkpoints import save_checkpoint
+from hooktrain.engine.checkpoints import copy_checkpoint, save_checkpoint
 from hooktrain.engine.context import EpochReport, RunContext
 from hooktrain.engine.hookspecs import hookimpl
 from hooktrain.engine.plugin import Plugin
@@ -44,7 +44,9 @@ class Checkpoint(Plugin):
         folder = run.out_dir / CHECKPOINT_FOLDER
         if due:
             save_checkpoint(payload, folder / LAST)
-        if improved:
+        if improved and due:
+            copy_checkpoint(folder / LAST, folder / BEST)
+        elif improved:
             save_checkpoint(payload, folder / BEST)
 
     @hookimpl
