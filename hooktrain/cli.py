@@ -6,9 +6,11 @@ loading torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +103,30 @@ def run(
             f"The run folder {out} is not empty; pass another --out, or continue that run "
             f"with `hooktrain resume {out}`."
         )
-    train(recipe, out_dir=out, data_dir=data_dir, device=device, echo=click.echo)
+    with _interruptible(out):
+        train(recipe, out_dir=out, data_dir=data_dir, device=device, echo=click.echo)
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C during training: say how to continue; 130 is the shell's code for SIGINT."""
+
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def _interruptible(run_dir: Path) -> Iterator[None]:
+    from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        if any((run_dir / CHECKPOINT_FOLDER).glob("*.pt")):
+            advice = f"continue from the last saved epoch with `hooktrain resume {run_dir}`"
+        else:
+            advice = (
+                f"no epoch had finished, so nothing was saved: delete {run_dir} and start again"
+            )
+        raise Interrupted(f"Interrupted; {advice}.") from None
 
 
 @main.command(name="list")
@@ -122,17 +147,24 @@ def list_() -> None:
         click.echo(f"  {name:<20} {first_line(cls)}")
 
 
-def _newest_checkpoint(run_dir: Path) -> Path:
+def _newest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The run's checkpoint with the most steps, loaded (each file is read once)."""
     from hooktrain.engine.checkpoints import load_checkpoint
     from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST
 
     candidates = [run_dir / CHECKPOINT_FOLDER / n for n in (LAST, BEST)]
-    existing = [path for path in candidates if path.is_file()]
-    if not existing:
+    loaded = [(path, load_checkpoint(path)) for path in candidates if path.is_file()]
+    if not loaded:
         raise HooktrainError(
             f"{run_dir} has no checkpoints/{LAST}; pass the folder of a run that saved one."
         )
-    return max(existing, key=lambda path: load_checkpoint(path)["state"]["step"])
+    return max(loaded, key=lambda entry: entry[1]["state"]["step"])
+
+
+def _data_dir_of(payload: dict[str, Any], given: Path | None) -> Path | None:
+    """``--data-dir`` if given, else the folder the checkpoint's run trained on."""
+    saved = payload["config"]["run"]["data_dir"]
+    return given or (Path(saved) if saved else None)
 
 
 @main.command()
@@ -141,7 +173,6 @@ def _newest_checkpoint(run_dir: Path) -> Path:
 @click.option("--device", type=DEVICES, help="Where to train (default: as the run was started).")
 def resume(run_dir: Path, data_dir: Path | None, device: str | None) -> None:
     """Continue the run in RUN_DIR from its newest checkpoint."""
-    from hooktrain.engine.checkpoints import load_checkpoint
     from hooktrain.engine.loop import CONFIG_FILE, train
     from hooktrain.engine.recipe import recipe_from_config
 
@@ -149,26 +180,21 @@ def resume(run_dir: Path, data_dir: Path | None, device: str | None) -> None:
     if not config_path.is_file():
         raise HooktrainError(f"{run_dir} is not a hooktrain run folder (no {CONFIG_FILE}).")
     config = json.loads(config_path.read_text())
-    path = _newest_checkpoint(run_dir)
-    payload = load_checkpoint(path)
+    path, payload = _newest_checkpoint(run_dir)
     if payload["recipe"] != config["recipe"]["name"]:
         raise HooktrainError(
             f"{path} was written by the recipe {payload['recipe']!r}, but {run_dir} is a run "
             f"of {config['recipe']['name']!r}; move the checkpoint back to its own run folder."
         )
-    recipe = recipe_from_config(payload["config"])
-    if payload["state"]["epoch"] >= recipe.epochs:
-        raise HooktrainError(
-            f"The run in {run_dir} has finished (epoch {recipe.epochs} of {recipe.epochs}); "
-            f"there is nothing to resume: start a new one with `hooktrain run`."
+    with _interruptible(run_dir):
+        train(
+            recipe_from_config(payload["config"]),
+            out_dir=run_dir,
+            data_dir=_data_dir_of(payload, data_dir),
+            device=device or payload["config"]["run"]["device"],
+            resume=payload,
+            echo=click.echo,
         )
-    saved_data = payload["config"]["run"]["data_dir"]
-    data_dir = data_dir or (Path(saved_data) if saved_data else None)
-    device = device or payload["config"]["run"]["device"]
-    click.echo(f"resuming {run_dir} from {path.name} (epoch {payload['state']['epoch']})")
-    train(
-        recipe, out_dir=run_dir, data_dir=data_dir, device=device, resume=payload, echo=click.echo
-    )
 
 
 @main.command(name="eval")
@@ -181,9 +207,7 @@ def eval_(checkpoint: Path, data_dir: Path | None, device: str) -> None:
     from hooktrain.engine.loop import evaluate_checkpoint
 
     payload = load_checkpoint(checkpoint)
-    saved_data = payload["config"]["run"]["data_dir"]
-    data_dir = data_dir or (Path(saved_data) if saved_data else None)
-    result = evaluate_checkpoint(payload, data_dir, device)
+    result = evaluate_checkpoint(payload, _data_dir_of(payload, data_dir), device)
     click.echo(
         f"{checkpoint}: test accuracy {result.accuracy:.2%}, test loss {result.loss:.4f} "
         f"({payload['recipe']}, epoch {payload['state']['epoch']})"

@@ -789,3 +789,50 @@ def test_copied_checkpoint_keeps_its_content_when_the_source_is_rewritten(
     assert torch.equal(torch.load(best, weights_only=True)["w"], torch.ones(3))
     assert torch.equal(torch.load(last, weights_only=True)["w"], torch.zeros(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+INTERRUPTING_RECIPE = """
+import attrs
+from hooktrain import Plugin, hookimpl
+from hooktrain.engine.recipe import apply_overrides, load_recipe
+
+
+@attrs.define
+class PressCtrlC(Plugin):
+    default_name = "press_ctrl_c"
+    at_epoch: int = 0
+
+    @hookimpl
+    def hooktrain_epoch_start(self, state):
+        if state.epoch == self.at_epoch:
+            raise KeyboardInterrupt
+
+
+base = load_recipe("resnet9_cifar10")
+recipe = attrs.evolve(base, name="interrupted", plugins=(*base.plugins, PressCtrlC(at_epoch=AT)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("at_epoch", "advice"),
+    [
+        (1, "continue from the last saved epoch with `hooktrain resume"),
+        (0, "no epoch had finished, so nothing was saved: delete"),
+    ],
+)
+def test_ctrl_c_says_how_to_continue(
+    tiny_cifar: Path, tmp_path: Path, at_epoch: int, advice: str
+) -> None:
+    recipe_file = tmp_path / "interrupting.py"
+    recipe_file.write_text(INTERRUPTING_RECIPE.replace("AT", str(at_epoch)))
+    out = tmp_path / "run"
+    args = [*TINY, "--set", "epochs=2", "--data-dir", tiny_cifar, "--out", out]
+    result = invoke("run", recipe_file, *args)
+    assert result.exit_code == 130, result.output
+    assert "Traceback" not in result.output
+    assert f"Error: Interrupted; {advice}" in result.stderr
+    saved = out / CHECKPOINT_FOLDER / LAST
+    assert saved.is_file() == (at_epoch == 1)
+    if at_epoch == 1:
+        assert f"hooktrain resume {out}" in result.stderr
+        assert load_checkpoint(saved)["state"]["epoch"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,16 @@ def atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` survive a power loss."""
+    handle = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)
+        os.fsync(handle)
     finally:
-        os.close(folder)
+        os.close(handle)
 
 
 def copy_checkpoint(source: Path, target: Path) -> None:
@@ -57,9 +63,11 @@ def copy_checkpoint(source: Path, target: Path) -> None:
     try:
         os.link(source, temp)
     except OSError:
-        atomic_write(target, lambda file: file.write(source.read_bytes()))
+        with source.open("rb") as original:
+            atomic_write(target, lambda file: shutil.copyfileobj(original, file))
         return
     os.replace(temp, target)
+    _fsync_folder(target.parent)
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:

@@ -596,9 +596,12 @@ def _crop_flip_gather(
     pad: int,
     pad_mode: str,
 ) -> Tensor:
-    """crop_flip of `source[index]`, reading straight from `source` to skip a batch copy."""
+    """crop_flip of `source[index]`, reading straight from `source` to skip a batch copy.
+
+    Callers check `pad` and `pad_mode` once (crop_flip per call, DeviceData at construction),
+    keeping the check out of the per-batch path.
+    """
     height, width = source.shape[1], source.shape[2]
-    _check_pad(pad, pad_mode, min(height, width))
     rows, rows_inside = _source_indices(top, pad, height, pad_mode)
     raw_cols, cols_inside = _source_indices(left, pad, width, pad_mode)
     flip = flip[:, None]
@@ -619,6 +622,7 @@ def crop_flip(
     Equals pad -> crop -> horizontal flip per sample, but gathers every output pixel straight
     from `images` in one indexing call, with no padded copy, no per-sample loop and no host sync.
     """
+    _check_pad(pad, pad_mode, min(images.shape[1:3]))
     index = torch.arange(images.shape[0], device=images.device)
     return _crop_flip_gather(images, index, top, left, flip, pad, pad_mode)
 

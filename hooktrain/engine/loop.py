@@ -161,6 +161,8 @@ def train(
             f"The run in {out_dir} has finished (epoch {recipe.epochs} of {recipe.epochs}); "
             "there is nothing to resume: start a new one with `hooktrain run`."
         )
+    if resume is not None:
+        echo(f"resuming {out_dir} at epoch {resume['state']['epoch']} of {recipe.epochs}")
     torch_device = resolve_device(device)
     # Fresh plugin instances: a recipe object can be trained many times in one process.
     plugins = tuple(copy.deepcopy(p) for p in recipe.plugins)

@@ -23,9 +23,7 @@ TENSORBOARD_FOLDER = "tensorboard"
 
 def _hparams(config: dict[str, Any]) -> dict[str, Any]:
     """The configuration flattened to the scalar values TensorBoard's hparams accept."""
-    flat: dict[str, Any] = {}
-    for key, value in config["recipe"].items():
-        flat[key] = value
+    flat: dict[str, Any] = dict(config["recipe"])
     for plugin in config["plugins"]:
         flat[plugin["name"]] = True
         for key, value in plugin["settings"].items():
