@@ -10,8 +10,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from hooktrain.engine.ablation import Ablation, run_ablation
     from hooktrain.engine.context import BuildContext, EpochReport, RunContext
     from hooktrain.engine.hookspecs import hookimpl
+    from hooktrain.engine.loop import train, train_seeds
     from hooktrain.engine.pieces import DecayRule, GradientTransform, LossFn, LRSchedule
     from hooktrain.engine.plugin import Plugin
     from hooktrain.engine.recipe import Recipe
@@ -19,10 +21,14 @@ if TYPE_CHECKING:
     from hooktrain.errors import HooktrainError
 
 _EXPORTS = {
+    "Ablation": "hooktrain.engine.ablation",
+    "run_ablation": "hooktrain.engine.ablation",
     "BuildContext": "hooktrain.engine.context",
     "EpochReport": "hooktrain.engine.context",
     "RunContext": "hooktrain.engine.context",
     "hookimpl": "hooktrain.engine.hookspecs",
+    "train": "hooktrain.engine.loop",
+    "train_seeds": "hooktrain.engine.loop",
     "DecayRule": "hooktrain.engine.pieces",
     "GradientTransform": "hooktrain.engine.pieces",
     "LossFn": "hooktrain.engine.pieces",
@@ -33,10 +39,14 @@ _EXPORTS = {
     "HooktrainError": "hooktrain.errors",
 }
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
+    "Ablation",
+    "run_ablation",
     "BuildContext",
     "EpochReport",
     "RunContext",
     "hookimpl",
+    "train",
+    "train_seeds",
     "DecayRule",
     "GradientTransform",
     "LossFn",

@@ -1,4 +1,4 @@
-"""The ``hooktrain`` command: run, list, resume, eval.
+"""The ``hooktrain`` command: run, ablate, list, resume, eval.
 
 Commands import the engine inside their bodies so ``hooktrain --help`` answers without
 loading torch.
@@ -50,6 +50,26 @@ def _device_option(function: Any) -> Any:
     )(function)
 
 
+def _override_options(function: Any) -> Any:
+    function = click.option(
+        "--without",
+        "without_plugins",
+        multiple=True,
+        metavar="PLUGIN",
+        help="Drop one of the recipe's plugins.",
+    )(function)
+    function = click.option(
+        "--with", "with_plugins", multiple=True, metavar="PLUGIN", help="Add a plugin."
+    )(function)
+    return click.option(
+        "--set",
+        "assignments",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a recipe field (epochs=12) or plugin setting (grad_clip.max=0.05).",
+    )(function)
+
+
 @click.group(cls=_Commands)
 def main() -> None:
     """hooktrain: functional, plugin-driven training for PyTorch."""
@@ -57,21 +77,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("recipe_name", metavar="RECIPE")
-@click.option(
-    "--set",
-    "assignments",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a recipe field (epochs=12) or plugin setting (grad_clip.max=0.05).",
-)
-@click.option("--with", "with_plugins", multiple=True, metavar="PLUGIN", help="Add a plugin.")
-@click.option(
-    "--without",
-    "without_plugins",
-    multiple=True,
-    metavar="PLUGIN",
-    help="Drop one of the recipe's plugins.",
-)
+@_override_options
 @_data_dir_option
 @click.option(
     "--out",
@@ -127,6 +133,109 @@ def _interruptible(run_dir: Path) -> Iterator[None]:
                 f"no epoch had finished, so nothing was saved: delete {run_dir} and start again"
             )
         raise Interrupted(f"Interrupted; {advice}.") from None
+
+
+@main.command()
+@click.argument("recipe_name", metavar="RECIPE")
+@click.option(
+    "--vary",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="A plugin (grad_clip=on,off), plugin setting (grad_clip.max=0.05,0.1) or recipe field "
+    "(max_lr=0.005,0.01) and its values; the first value is the baseline. Repeatable.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["grid", "one-at-a-time"]),
+    help="Every combination (grid, the default) or each change alone against the baseline.",
+)
+@click.option("--seeds", type=int, help="Seeds per cell (default: as the recipe declares, else 3).")
+@click.option(
+    "--parallel-seeds",
+    type=int,
+    help="Train this many seeds of a cell at once in one vmapped step (default 1).",
+)
+@_override_options
+@_data_dir_option
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Ablation folder (default: runs/ablate-RECIPE-TIMESTAMP); an existing one with the "
+    "same ablation is continued.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue --out, or the newest ablation under runs/ that has these settings.",
+)
+@_device_option
+def ablate(
+    recipe_name: str,
+    vary: tuple[str, ...],
+    mode: str | None,
+    seeds: int | None,
+    parallel_seeds: int | None,
+    assignments: tuple[str, ...],
+    with_plugins: tuple[str, ...],
+    without_plugins: tuple[str, ...],
+    data_dir: Path | None,
+    out: Path | None,
+    resume: bool,
+    device: str,
+) -> None:
+    """Train RECIPE's variants over several seeds and tabulate what each change is worth.
+
+    Without --vary, the ablation declared beside the recipe (`ablation = Ablation(...)`) runs.
+    """
+    import attrs
+
+    from hooktrain.engine.ablation import ABLATION_FILE, Ablation, Factor, run_ablation
+    from hooktrain.engine.recipe import apply_overrides, load_recipe_module, parse_assignment
+
+    base, module = load_recipe_module(recipe_name)
+    factors = [Factor.parse(text) for text in vary]
+    declared = getattr(module, "ablation", None)
+    if factors:
+        ablation = Ablation(vary=factors)
+    elif isinstance(declared, Ablation):
+        ablation = declared
+    else:
+        raise HooktrainError(
+            f"Say what to vary, e.g. --vary grad_clip=on,off; the recipe {recipe_name!r} "
+            "declares no ablation of its own."
+        )
+    changes = {"mode": mode, "seeds": seeds, "parallel_seeds": parallel_seeds}
+    ablation = attrs.evolve(ablation, **{k: v for k, v in changes.items() if v is not None})
+    fixed = {parse_assignment(text)[0] for text in assignments}
+    ablation.check_fixed(fixed | set(with_plugins) | set(without_plugins))
+    recipe = apply_overrides(base, assignments, with_plugins, without_plugins)
+    if out is None and resume:
+        out = _newest_ablation(recipe, ablation)
+    if resume and not (out / ABLATION_FILE).is_file():
+        raise HooktrainError(f"{out} holds no ablation to resume; start one without --resume.")
+    out = out or Path("runs") / f"ablate-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        run_ablation(
+            recipe, ablation, out_dir=out, data_dir=data_dir, device=device, echo=click.echo
+        )
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"Interrupted; the finished runs are kept in {out / ABLATION_FILE}: run the same "
+            f"command with --out {out} (or --resume) to do the rest."
+        ) from None
+
+
+def _newest_ablation(recipe: Any, ablation: Any) -> Path:
+    from hooktrain.engine.ablation import holds_ablation
+
+    folders = sorted(Path("runs").glob(f"ablate-{recipe.name}-*"), reverse=True)
+    match = next((folder for folder in folders if holds_ablation(folder, recipe, ablation)), None)
+    if match is None:
+        raise HooktrainError(
+            f"No ablation of {recipe.name} with these settings is under runs/ to resume; "
+            "name its folder with --out, or start it without --resume."
+        )
+    return match
 
 
 @main.command(name="list")

@@ -22,6 +22,61 @@ def conv_bn_relu(in_channels: int, out_channels: int, pool: bool = False) -> nn.
     return nn.Sequential(*layers)
 
 
+# splitmix64's constants as signed 64-bit integers (torch has no unsigned 64-bit arithmetic).
+_GOLDEN_GAMMA = -7046029254386353131  # 0x9E3779B97F4A7C15
+_MIX_1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX_2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (``>>`` is arithmetic: it copies the sign bit)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def hashed_uniform(seed: torch.Tensor, counter: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Uniform floats in [0, 1) that are a pure function of ``(seed, counter, position)``.
+
+    splitmix64's output function over a Weyl sequence: counter-based, so the same seed and
+    counter give the same numbers on any device, alone or inside ``torch.func.vmap`` (where
+    torch's generators cannot follow a seed per vmapped model).
+    """
+    positions = torch.arange(shape.numel(), device=seed.device).reshape(shape)
+    z = seed + (counter * shape.numel() + positions + 1) * _GOLDEN_GAMMA
+    z = (z ^ _shift_right(z, 30)) * _MIX_1
+    z = (z ^ _shift_right(z, 27)) * _MIX_2
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 40).to(torch.float32) * 2.0**-24
+
+
+class Dropout(nn.Module):
+    """Dropout whose randomness is module state, not the global generator.
+
+    The mask is drawn from :func:`hashed_uniform` keyed by two buffers: ``seed`` (drawn from
+    torch's generator when the module is built, so it follows the run's seed) and ``calls``
+    (counts training forwards). Being buffers, they are part of the training state: a
+    checkpoint resumes the exact masks, and seeds vmapped together draw the masks each would
+    draw alone.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise HooktrainError(f"dropout must be at least 0 and below 1, not {p!r}.")
+        self.p = p
+        self.register_buffer("seed", torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = hashed_uniform(self.seed, self.calls, x.shape) >= self.p
+        self.calls.add_(1)
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Residual(nn.Module):
     """``x + block(x)``."""
 
@@ -50,7 +105,7 @@ def resnet9(num_classes: int = 10, width: int = 64, dropout: float = 0.0) -> nn.
         nn.Sequential(
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(8 * w, num_classes),
         ),
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import Result
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
 
@@ -71,3 +72,18 @@ def write_cifar_batches(folder: Path, n_train: int, n_test: int, seed: int = 0) 
 def tiny_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """240 training and 100 test images in the official format."""
     return write_cifar_batches(tmp_path_factory.mktemp("tiny_cifar"), n_train=240, n_test=100)
+
+
+def assert_user_error(result: Result, *fragments: str) -> str:
+    """Exit code 2, no traceback, and exactly one sentence on stderr: 'Error: ...'."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith("Error: "), line
+    assert line.endswith("."), line
+    for fragment in fragments:
+        assert fragment in line, line
+    return line

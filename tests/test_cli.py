@@ -21,6 +21,7 @@ import attrs
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import assert_user_error
 
 from hooktrain.cli import main
 from hooktrain.engine.checkpoints import (
@@ -75,21 +76,6 @@ def flagship() -> Recipe:
 
 def invoke(*args: str | Path) -> Result:
     return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-def assert_user_error(result: Result, *fragments: str) -> str:
-    """Exit code 2, no traceback, and exactly one sentence on stderr: 'Error: ...'."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    line = lines[0]
-    assert line.startswith("Error: "), line
-    assert line.endswith("."), line
-    for fragment in fragments:
-        assert fragment in line, line
-    return line
 
 
 def override_error(recipe: Recipe, *assignments: str, **kwargs: Any) -> str:

@@ -66,7 +66,10 @@ class RunContext:
 
     ``out_dir`` is the run folder (plugins write there); ``config`` is the resolved, JSON-ready
     configuration; ``checkpoint_payload(state)`` returns everything a checkpoint must hold,
-    every plugin's state included; ``echo`` prints a line for the user.
+    every plugin's state included; ``echo`` prints a line for the user. ``tags`` are labels the
+    caller gave the run (an ablation names its cell and varied settings there). Seeds trained
+    together in lockstep are ``lanes`` runs, this one is number ``lane`` (from 0); each has
+    its own folder and plugin instances.
     """
 
     recipe: Recipe
@@ -77,6 +80,9 @@ class RunContext:
     config: dict[str, Any]
     checkpoint_payload: Callable[[TrainState], dict[str, Any]]
     echo: Callable[[str], None]
+    tags: dict[str, str] = attrs.field(factory=dict)
+    lane: int = 0
+    lanes: int = 1
 
     @property
     def total_steps(self) -> int:

@@ -36,6 +36,12 @@ or back where order matters (the built-in ``metrics`` plugin records an epoch fi
 ``checkpoint`` plugin saves last, so a checkpoint holds every other plugin's updated state). The
 resolved order is printed at the start of every run.
 
+**Seeds in lockstep.** When several seeds train together (``hooktrain ablate --parallel-seeds``),
+build hooks run once, on the first seed's plugins, and their pieces serve every seed (so a
+piece must not depend on the seed). Each seed has its own plugin instances and run folder, and
+every event is emitted once per seed with that seed's ``run`` and ``state``;
+``run.lane``/``run.lanes`` tell a plugin which seed of how many it observes.
+
 **Plugin state.** A plugin that keeps state across epochs (a best score, a history) returns it
 from ``state_dict()`` as tensors, numbers, strings, lists and dicts, and takes it back in
 ``load_state_dict(state)``. The engine stores it in every checkpoint under the plugin's *name*

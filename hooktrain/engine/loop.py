@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,14 @@ from hooktrain.engine.plugin import (
 from hooktrain.engine.recipe import Recipe, recipe_from_config, recipe_to_config
 from hooktrain.engine.state import TrainState, capture_global_rng
 from hooktrain.engine.step import (
+    Batch,
     Evaluation,
+    LaneStepFn,
+    StepFn,
     StepPieces,
     build_evaluate,
+    build_lane_evaluate,
+    build_lane_step,
     build_step,
     constant_schedule,
 )
@@ -94,7 +99,7 @@ def evaluate_checkpoint(
     torch_device = resolve_device(device)
     dataset = load_cifar10(data_dir)
     _, eval_model = _models(recipe, len(dataset.classes), torch_device)
-    _check_compatible(payload["state"], dict(eval_model.named_parameters()))
+    _check_compatible(payload["state"], eval_model)
     state = TrainState.from_dict(payload["state"], torch_device)
     evaluate = build_evaluate(eval_model, _autocast_dtype(recipe, torch_device))
     return evaluate(state, _device_data(recipe, dataset, torch_device).test_batches())
@@ -108,15 +113,20 @@ def write_config(out_dir: Path, recipe: Recipe, run: dict[str, Any]) -> dict[str
     return config
 
 
-def _check_compatible(state: dict[str, Any], model_params: dict[str, torch.Tensor]) -> None:
-    saved = state["params"]
-    if saved.keys() != model_params.keys() or any(
-        saved[name].shape != p.shape for name, p in model_params.items()
+def _check_compatible(saved: dict[str, Any], model: nn.Module) -> None:
+    """The checkpoint's parameters and buffers have the names and shapes of this model's."""
+    for kind, tensors in (
+        ("params", dict(model.named_parameters())),
+        ("buffers", dict(model.named_buffers())),
     ):
-        raise HooktrainError(
-            "The checkpoint's parameters do not fit this recipe's model (different names or "
-            "shapes); resume it with the recipe and settings that wrote it."
-        )
+        if saved[kind].keys() != tensors.keys() or any(
+            saved[kind][name].shape != t.shape for name, t in tensors.items()
+        ):
+            raise HooktrainError(
+                f"The checkpoint's {'parameters' if kind == 'params' else kind} do not fit this "
+                "recipe's model (different names or shapes); use it with the recipe, settings "
+                "and hooktrain version that wrote it."
+            )
 
 
 def _compose(
@@ -149,29 +159,81 @@ def train(
     resume: dict[str, Any] | None = None,
     stop_after_epoch: int | None = None,
     echo: Callable[[str], None] = print,
+    tags: dict[str, str] | None = None,
 ) -> EpochReport:
     """Train ``recipe``, writing into ``out_dir``; return the last epoch's report.
 
     ``resume`` is a loaded checkpoint of this run to continue from. ``stop_after_epoch`` ends
     this process after that many finished epochs (the run can be resumed later); fit_end is
-    then not emitted.
+    then not emitted. ``tags`` label the run for plugins (an ablation's cell, for instance).
     """
-    if resume is not None and resume["state"]["epoch"] >= recipe.epochs:
-        raise HooktrainError(
-            f"The run in {out_dir} has finished (epoch {recipe.epochs} of {recipe.epochs}); "
-            "there is nothing to resume: start a new one with `hooktrain run`."
-        )
-    if resume is not None:
-        echo(f"resuming {out_dir} at epoch {resume['state']['epoch']} of {recipe.epochs}")
-    torch_device = resolve_device(device)
-    # Fresh plugin instances: a recipe object can be trained many times in one process.
-    plugins = tuple(copy.deepcopy(p) for p in recipe.plugins)
-    recipe = attrs.evolve(recipe, plugins=plugins)
-    manager = make_plugin_manager(plugins)
+    (report,) = train_seeds(
+        recipe,
+        [recipe.seed],
+        out_dirs=[out_dir],
+        data_dir=data_dir,
+        device=device,
+        resume=None if resume is None else [resume],
+        stop_after_epoch=stop_after_epoch,
+        echo=echo,
+        tags=tags,
+    )
+    return report
 
+
+@attrs.define
+class _Lane:
+    """One seed's run inside a group trained in lockstep: its own plugins, folder and state."""
+
+    recipe: Recipe
+    manager: pluggy.PluginManager
+    run: RunContext
+    state: TrainState
+
+
+def _check_vmappable(model: nn.Module) -> None:
+    random_layers = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+    ]
+    if random_layers:
+        raise HooktrainError(
+            f"Seeds cannot be trained together through torch's own dropout ({random_layers[0]}): "
+            "under vmap its masks would depend on how many seeds run at once. Use "
+            "hooktrain.models.Dropout in the model, or train the seeds one at a time."
+        )
+
+
+def train_seeds(
+    recipe: Recipe,
+    seeds: Sequence[int],
+    *,
+    out_dirs: Sequence[Path],
+    data_dir: Path | None = None,
+    device: str = "auto",
+    resume: Sequence[dict[str, Any]] | None = None,
+    stop_after_epoch: int | None = None,
+    echo: Callable[[str], None] = print,
+    tags: dict[str, str] | None = None,
+) -> list[EpochReport]:
+    """Train ``recipe`` once per seed, each into its own folder; return each last report.
+
+    Two or more seeds train in lockstep: one vmapped forward and backward for all of them per
+    step (``torch.func``), while each seed keeps its own initialisation, data order,
+    augmentation, dropout masks, plugins, run folder and checkpoints, so every folder is an
+    ordinary run that ``hooktrain resume`` and ``hooktrain eval`` accept. ``resume`` holds one
+    loaded checkpoint per seed, all at the same epoch.
+    """
+    if len(out_dirs) != len(seeds) or not seeds:
+        raise ValueError("train_seeds needs one out_dir per seed, and at least one seed")
+    if resume is not None:
+        _check_resumable(recipe, out_dirs, resume, echo)
+    torch_device = resolve_device(device)
+    together = len(seeds) > 1
     dataset = load_cifar10(data_dir)
+    # Seeds differ in initialisation and data order only: one data object serves them all.
     data = _device_data(recipe, dataset, torch_device)
-    model, eval_model = _models(recipe, len(dataset.classes), torch_device)
     optimizer = make_optimizer(
         recipe.optimizer,
         betas=recipe.betas,
@@ -180,93 +242,197 @@ def train(
         nesterov=recipe.nesterov,
     )
     autocast_dtype = _autocast_dtype(recipe, torch_device)
+    run_info = {"data_dir": str(data_dir.resolve()) if data_dir else None, "device": device}
+
+    lanes: list[_Lane] = []
+    for index, (seed, out_dir) in enumerate(zip(seeds, out_dirs, strict=True)):
+        # Fresh plugin instances: a recipe object can be trained many times in one process.
+        lane_recipe = attrs.evolve(
+            recipe, seed=seed, plugins=tuple(copy.deepcopy(p) for p in recipe.plugins)
+        )
+        model, eval_model = _models(lane_recipe, len(dataset.classes), torch_device)
+        state = TrainState.create(model, optimizer, seed)
+        if resume is not None:
+            _check_compatible(resume[index]["state"], model)
+            state = TrainState.from_dict(resume[index]["state"], torch_device)
+            for plugin in lane_recipe.plugins:
+                plugin.load_state_dict(resume[index]["plugins"].get(plugin.name, {}))
+        if index == 0:
+            # The first seed's modules serve as shapes for all: the states hold the numbers.
+            shape_model, shape_eval_model = model, eval_model
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = write_config(out_dir, lane_recipe, run_info)
+        run = RunContext(
+            recipe=lane_recipe,
+            out_dir=out_dir,
+            device=torch_device,
+            data=data,
+            steps_per_epoch=data.steps_per_epoch,
+            config=config,
+            checkpoint_payload=_payload_writer(lane_recipe, config),
+            echo=_prefixed(echo, f"seed {seed}: ") if together else echo,
+            tags=dict(tags or {}),
+            lane=index,
+            lanes=len(seeds),
+        )
+        lanes.append(_Lane(lane_recipe, make_plugin_manager(lane_recipe.plugins), run, state))
+
     build = BuildContext(
         recipe,
-        {name: p.shape for name, p in model.named_parameters()},
+        {name: p.shape for name, p in shape_model.named_parameters()},
         data.steps_per_epoch,
         optimizer,
     )
-    pieces = _compose(manager, build, model, autocast_dtype)
-    step = build_step(pieces, compile=recipe.compile)
-    evaluate = build_evaluate(eval_model, autocast_dtype, compile=recipe.compile)
+    # Build hooks contribute pure pieces that do not depend on the seed: the first seed's
+    # plugins build the step for all.
+    pieces = _compose(lanes[0].manager, build, shape_model, autocast_dtype)
+    if together:
+        _check_vmappable(shape_model)
+        step_all = build_lane_step(pieces, compile=recipe.compile)
+        evaluate_all = build_lane_evaluate(shape_eval_model, autocast_dtype, recipe.compile)
+    else:
+        step_all = _as_lane_step(build_step(pieces, compile=recipe.compile))
+        evaluate_all = _as_lane_evaluate(
+            build_evaluate(shape_eval_model, autocast_dtype, compile=recipe.compile)
+        )
+    first = lanes[0].state
+    torch.set_rng_state(first.rng["torch"])
+    if "cuda" in first.rng and torch_device.type == "cuda":
+        torch.cuda.set_rng_state(first.rng["cuda"], torch_device)
 
-    state = TrainState.create(model, optimizer, recipe.seed)
-    if resume is not None:
-        _check_compatible(resume["state"], state.params)
-        state = TrainState.from_dict(resume["state"], torch_device)
-        for plugin in plugins:
-            plugin.load_state_dict(resume["plugins"].get(plugin.name, {}))
-    torch.set_rng_state(state.rng["torch"])
-    if "cuda" in state.rng and torch_device.type == "cuda":
-        torch.cuda.set_rng_state(state.rng["cuda"], torch_device)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = write_config(
-        out_dir,
-        recipe,
-        {"data_dir": str(data_dir.resolve()) if data_dir else None, "device": device},
+    seeds_text = f" x {len(seeds)} seeds together" if together else ""
+    echo(
+        f"{recipe.name}: {recipe.epochs} epochs x {data.steps_per_epoch} steps of "
+        f"{recipe.batch_size}{seeds_text} on {torch_device} ({data.n_train} training images), "
+        f"run folder{'s' if together else ''} {', '.join(str(d) for d in out_dirs)}"
     )
+    echo("plugins: " + (" -> ".join(p.name for p in recipe.plugins) or "none"))
+    epoch_end_order = call_order(lanes[0].manager, "hooktrain_epoch_end")
+    echo("at epoch end: " + (" -> ".join(epoch_end_order) or "none"))
+    return _fit(lanes, step_all, evaluate_all, data, recipe.epochs, stop_after_epoch)
 
-    def checkpoint_payload(current: TrainState) -> dict[str, Any]:
+
+def _check_resumable(
+    recipe: Recipe,
+    out_dirs: Sequence[Path],
+    resume: Sequence[dict[str, Any]],
+    echo: Callable[[str], None],
+) -> None:
+    epochs_done = {payload["state"]["epoch"] for payload in resume}
+    if len(epochs_done) > 1:
+        raise HooktrainError(
+            "Seeds resumed together must have stopped at the same epoch; these stopped at "
+            f"epochs {sorted(epochs_done)}. Resume each run on its own with hooktrain resume."
+        )
+    if epochs_done.pop() >= recipe.epochs:
+        raise HooktrainError(
+            f"The run in {out_dirs[0]} has finished (epoch {recipe.epochs} of "
+            f"{recipe.epochs}); there is nothing to resume: start a new one with "
+            "`hooktrain run`."
+        )
+    for out_dir, payload in zip(out_dirs, resume, strict=True):
+        echo(f"resuming {out_dir} at epoch {payload['state']['epoch']} of {recipe.epochs}")
+
+
+def _fit(
+    lanes: list[_Lane],
+    step_all: LaneStepFn,
+    evaluate_all: Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]],
+    data: DeviceData,
+    epochs: int,
+    stop_after_epoch: int | None,
+) -> list[EpochReport]:
+    """The loop over epochs and steps, emitting every event once per lane."""
+    for lane in lanes:
+        lane.manager.hook.hooktrain_fit_start(run=lane.run, state=lane.state)
+    reports: list[EpochReport] = []
+    for epoch in range(lanes[0].state.epoch, epochs):
+        started = time.perf_counter()
+        for lane in lanes:
+            lane.manager.hook.hooktrain_epoch_start(run=lane.run, state=lane.state)
+        generators = [torch.Generator() for _ in lanes]
+        for generator, lane in zip(generators, lanes, strict=True):
+            generator.set_state(lane.state.rng["data"])
+        plans = [data.epoch_plan(generator) for generator in generators]
+        loss_sums = [torch.zeros((), device=data.device) for _ in lanes]
+        states = [lane.state for lane in lanes]
+        for index in range(data.steps_per_epoch):
+            states, metrics = step_all(states, [data.train_batch(p, index) for p in plans])
+            for lane, state, lane_metrics, loss_sum in zip(
+                lanes, states, metrics, loss_sums, strict=True
+            ):
+                loss_sum += lane_metrics["loss"]
+                lane.manager.hook.hooktrain_step_end(
+                    run=lane.run, state=state, metrics=lane_metrics
+                )
+        global_rng = capture_global_rng(data.device)
+        states = [
+            state.replace(epoch=epoch + 1, rng={"data": generator.get_state(), **global_rng})
+            for state, generator in zip(states, generators, strict=True)
+        ]
+        evaluations = evaluate_all(states, data.test_batches())
+        seconds = time.perf_counter() - started
+        reports = []
+        for lane, state, evaluation, loss_sum in zip(
+            lanes, states, evaluations, loss_sums, strict=True
+        ):
+            lane.state = state
+            report = EpochReport(
+                epoch=epoch + 1,
+                step=state.step,
+                train_loss=float(loss_sum) / data.steps_per_epoch,
+                test_loss=evaluation.loss,
+                test_accuracy=evaluation.accuracy,
+                seconds=seconds,
+            )
+            lane.manager.hook.hooktrain_epoch_end(run=lane.run, state=state, report=report)
+            reports.append(report)
+        stop_here = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
+        if stop_here and epoch + 1 < epochs:
+            for lane in lanes:
+                lane.run.echo(
+                    f"stopped after epoch {epoch + 1}; continue with: "
+                    f"hooktrain resume {lane.run.out_dir}"
+                )
+            return reports
+    for lane, report in zip(lanes, reports, strict=True):
+        lane.manager.hook.hooktrain_fit_end(run=lane.run, state=lane.state, report=report)
+    return reports
+
+
+def _payload_writer(
+    recipe: Recipe, config: dict[str, Any]
+) -> Callable[[TrainState], dict[str, Any]]:
+    def checkpoint_payload(state: TrainState) -> dict[str, Any]:
         return {
             "format": checkpoints.FORMAT,
             "version": checkpoints.VERSION,
             "recipe": recipe.name,
             "config": config,
-            "state": current.to_dict(),
-            "plugins": {p.name: p.state_dict() for p in plugins},
+            "state": state.to_dict(),
+            "plugins": {p.name: p.state_dict() for p in recipe.plugins},
         }
 
-    run = RunContext(
-        recipe=recipe,
-        out_dir=out_dir,
-        device=torch_device,
-        data=data,
-        steps_per_epoch=data.steps_per_epoch,
-        config=config,
-        checkpoint_payload=checkpoint_payload,
-        echo=echo,
-    )
-    echo(
-        f"{recipe.name}: {recipe.epochs} epochs x {data.steps_per_epoch} steps of "
-        f"{recipe.batch_size} on {torch_device} ({data.n_train} training images), "
-        f"run folder {out_dir}"
-    )
-    echo("plugins: " + (" -> ".join(p.name for p in plugins) or "none"))
-    echo("at epoch end: " + (" -> ".join(call_order(manager, "hooktrain_epoch_end")) or "none"))
+    return checkpoint_payload
 
-    hook = manager.hook
-    hook.hooktrain_fit_start(run=run, state=state)
-    report: EpochReport | None = None
-    for epoch in range(state.epoch, recipe.epochs):
-        started = time.perf_counter()
-        hook.hooktrain_epoch_start(run=run, state=state)
-        generator = torch.Generator()
-        generator.set_state(state.rng["data"])
-        plan = data.epoch_plan(generator)
-        loss_sum = torch.zeros((), device=torch_device)
-        for index in range(data.steps_per_epoch):
-            state, metrics = step(state, data.train_batch(plan, index))
-            loss_sum += metrics["loss"]
-            hook.hooktrain_step_end(run=run, state=state, metrics=metrics)
-        state = state.replace(
-            epoch=epoch + 1,
-            rng={"data": generator.get_state(), **capture_global_rng(torch_device)},
-        )
-        evaluation = evaluate(state, data.test_batches())
-        report = EpochReport(
-            epoch=epoch + 1,
-            step=state.step,
-            train_loss=float(loss_sum) / data.steps_per_epoch,
-            test_loss=evaluation.loss,
-            test_accuracy=evaluation.accuracy,
-            seconds=time.perf_counter() - started,
-        )
-        hook.hooktrain_epoch_end(run=run, state=state, report=report)
-        stop_here = stop_after_epoch is not None and state.epoch >= stop_after_epoch
-        if stop_here and state.epoch < recipe.epochs:
-            echo(f"stopped after epoch {state.epoch}; continue with: hooktrain resume {out_dir}")
-            return report
-    assert report is not None, "a run that trains no epoch was refused before it started"
-    hook.hooktrain_fit_end(run=run, state=state, report=report)
-    return report
+
+def _prefixed(echo: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda line: echo(prefix + line)
+
+
+def _as_lane_step(step: StepFn) -> LaneStepFn:
+    """A single run's step in the lane calling convention (lists of one)."""
+
+    def lane_step(
+        states: Sequence[TrainState], batches: Sequence[Batch]
+    ) -> tuple[list[TrainState], list[dict[str, torch.Tensor]]]:
+        state, metrics = step(states[0], batches[0])
+        return [state], [metrics]
+
+    return lane_step
+
+
+def _as_lane_evaluate(
+    evaluate: Callable[[TrainState, Iterable[Batch]], Evaluation],
+) -> Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]]:
+    return lambda states, batches: [evaluate(states[0], batches)]

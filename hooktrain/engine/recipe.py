@@ -272,27 +272,29 @@ def recipe_paths() -> dict[str, str]:
     return paths
 
 
-def _recipe_from_file(path: Path) -> Recipe:
+def _file_module(path: Path) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(f"hooktrain_recipe_{path.stem}", path)
     if spec is None or spec.loader is None:
         raise HooktrainError(f"{path} is not a Python file; a recipe file ends in .py.")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    recipe = getattr(module, "recipe", None)
-    if not isinstance(recipe, Recipe):
-        raise HooktrainError(
-            f"{path} defines no `recipe = Recipe(...)`; a recipe file must assign one."
-        )
-    return recipe
+    return module
 
 
-def load_recipe(name: str) -> Recipe:
-    """A recipe by registered name, or from a ``.py`` file that assigns ``recipe``."""
+def load_recipe_module(name: str) -> tuple[Recipe, types.ModuleType]:
+    """A recipe by registered name, or from a ``.py`` file that assigns ``recipe``, and the
+    module that defines it (where an ``ablation`` may be declared beside it)."""
     if name.endswith(".py"):
         path = Path(name)
         if not path.is_file():
             raise HooktrainError(f"The recipe file {path} does not exist.")
-        return _recipe_from_file(path)
+        module = _file_module(path)
+        recipe = getattr(module, "recipe", None)
+        if not isinstance(recipe, Recipe):
+            raise HooktrainError(
+                f"{path} defines no `recipe = Recipe(...)`; a recipe file must assign one."
+            )
+        return recipe, module
     paths = recipe_paths()
     if name not in paths:
         close = difflib.get_close_matches(name, list(paths), n=1)
@@ -304,4 +306,9 @@ def load_recipe(name: str) -> Recipe:
     recipe = import_object(paths[name])
     if not isinstance(recipe, Recipe):
         raise HooktrainError(f"The recipe {name!r} ({paths[name]}) is not a hooktrain Recipe.")
-    return recipe
+    return recipe, importlib.import_module(paths[name].partition(":")[0])
+
+
+def load_recipe(name: str) -> Recipe:
+    """A recipe by registered name, or from a ``.py`` file that assigns ``recipe``."""
+    return load_recipe_module(name)[0]

@@ -10,6 +10,7 @@ Synopsis::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -31,6 +32,17 @@ def capture_global_rng(device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states
+
+
+def _map_tensors(function: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
+    """``value`` with ``function`` applied to every tensor in its dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(function, v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_map_tensors(function, v) for v in value]
+    return value
 
 
 @attrs.frozen
@@ -64,21 +76,22 @@ class TrainState:
         return attrs.evolve(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain containers of tensors and numbers, loadable with ``weights_only=True``."""
-        return attrs.asdict(self, recurse=False)
+        """Plain containers of tensors and numbers, loadable with ``weights_only=True``.
+
+        A tensor that views a larger one (a seed's slice of a group's stacked buffers) is
+        copied: ``torch.save`` would otherwise write the whole storage it views.
+        """
+        return {
+            key: _map_tensors(lambda t: t.clone() if t._is_view() else t, value)
+            for key, value in attrs.asdict(self, recurse=False).items()
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], device: torch.device) -> TrainState:
         """Rebuild a state written by :meth:`to_dict`, moving tensors to ``device``."""
 
         def to_device(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                return value.to(device)
-            if isinstance(value, dict):
-                return {k: to_device(v) for k, v in value.items()}
-            if isinstance(value, list | tuple):
-                return [to_device(v) for v in value]
-            return value
+            return _map_tensors(lambda t: t.to(device), value)
 
         # RNG states stay on the CPU: torch's setters take CPU byte tensors.
         return cls(

@@ -9,7 +9,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad_and_value
+from torch.func import functional_call, grad_and_value, vmap
 
 from hooktrain.engine.optim import (
     Optimizer,
@@ -24,6 +24,12 @@ from hooktrain.engine.state import TrainState
 Batch = tuple[torch.Tensor, torch.Tensor]
 NamedTensors = dict[str, torch.Tensor]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, torch.Tensor]]]
+LaneStepFn = Callable[
+    [Sequence[TrainState], Sequence[Batch]],
+    tuple[list[TrainState], list[dict[str, torch.Tensor]]],
+]
+GradientsFn = Callable[..., tuple[NamedTensors, torch.Tensor, NamedTensors]]
+UpdateFn = Callable[..., tuple[NamedTensors, OptState, dict[str, torch.Tensor]]]
 
 
 def constant_schedule(lr: float) -> LRSchedule:
@@ -51,11 +57,11 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device.type, dtype=dtype)
 
 
-def build_step(pieces: StepPieces, compile: bool = False) -> StepFn:
-    """``step(state, (x, y)) -> (state, metrics)``: forward, backward, transforms, update.
+def _step_halves(pieces: StepPieces) -> tuple[GradientsFn, UpdateFn]:
+    """The step in two halves: gradients (model work, vmappable) and update (list work).
 
-    The step never writes to the state it receives. Metrics are 0-d device tensors (``loss``,
-    ``lr`` and the transforms' own); nothing in the step waits for the device.
+    The update half is written with ``torch._foreach_*`` ops, which have no vmap batching
+    rules; a group of seeds therefore vmaps only the gradients and updates seed by seed.
     """
     names = pieces.param_names
     decay_rates = [pieces.decay.rate_of(n) if pieces.decay else 0.0 for n in names]
@@ -67,24 +73,25 @@ def build_step(pieces: StepPieces, compile: bool = False) -> StepFn:
     ) -> tuple[torch.Tensor, NamedTensors]:
         with _autocast(x.device, pieces.autocast_dtype):
             logits = functional_call(pieces.model, (params, buffers), (x,))
-        return pieces.loss(logits.float(), y), buffers
+        return pieces.loss(_at_least_float32(logits), y), buffers
 
     value_and_grads = grad_and_value(loss_and_buffers, has_aux=True)
 
-    def pure_step(
-        params: NamedTensors,
-        buffers: NamedTensors,
-        opt_state: OptState,
-        x: torch.Tensor,
-        y: torch.Tensor,
-    ) -> tuple[NamedTensors, NamedTensors, OptState, dict[str, torch.Tensor]]:
-        lr = pieces.schedule(opt_state["count"])
-        # BatchNorm updates running statistics in place: give it copies, keep the input intact.
+    def gradients(
+        params: NamedTensors, buffers: NamedTensors, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[NamedTensors, torch.Tensor, NamedTensors]:
+        # Modules update running statistics in place: they get copies, the input stays intact.
         fresh_buffers = {name: b.clone() for name, b in buffers.items()}
         grads, (loss, new_buffers) = value_and_grads(params, fresh_buffers, x, y)
+        return grads, loss.detach(), new_buffers
+
+    def update(
+        params: NamedTensors, grads: NamedTensors, opt_state: OptState, loss: torch.Tensor
+    ) -> tuple[NamedTensors, OptState, dict[str, torch.Tensor]]:
+        lr = pieces.schedule(opt_state["count"])
         param_list = [params[n] for n in names]
         grad_list = [grads[n] for n in names]
-        metrics = {"loss": loss.detach(), "lr": lr}
+        metrics = {"loss": loss, "lr": lr}
         for transform in pieces.transforms:
             grad_list, transform_metrics = transform(grad_list, param_list)
             metrics.update(transform_metrics)
@@ -93,7 +100,34 @@ def build_step(pieces: StepPieces, compile: bool = False) -> StepFn:
         else:
             grad_list = add_coupled_decay(grad_list, param_list, decay_groups)
         new_params, new_opt_state = pieces.optimizer.update(grad_list, opt_state, param_list, lr)
-        return dict(zip(names, new_params, strict=True)), new_buffers, new_opt_state, metrics
+        return dict(zip(names, new_params, strict=True)), new_opt_state, metrics
+
+    return gradients, update
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: half-precision autocast output goes up to float32, float64 stays."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def build_step(pieces: StepPieces, compile: bool = False) -> StepFn:
+    """``step(state, (x, y)) -> (state, metrics)``: forward, backward, transforms, update.
+
+    The step never writes to the state it receives. Metrics are 0-d device tensors (``loss``,
+    ``lr`` and the transforms' own); nothing in the step waits for the device.
+    """
+    gradients, update = _step_halves(pieces)
+
+    def pure_step(
+        params: NamedTensors,
+        buffers: NamedTensors,
+        opt_state: OptState,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> tuple[NamedTensors, NamedTensors, OptState, dict[str, torch.Tensor]]:
+        grads, loss, new_buffers = gradients(params, buffers, x, y)
+        new_params, new_opt_state, metrics = update(params, grads, opt_state, loss)
+        return new_params, new_buffers, new_opt_state, metrics
 
     core = torch.compile(pure_step) if compile else pure_step
 
@@ -110,6 +144,64 @@ def build_step(pieces: StepPieces, compile: bool = False) -> StepFn:
     return step
 
 
+def build_lane_step(pieces: StepPieces, compile: bool = False) -> LaneStepFn:
+    """``step(states, batches) -> (states, metrics)`` for seeds trained in lockstep.
+
+    Each lane (one seed) has its own state and batch. Forward and backward of all lanes run as
+    one ``torch.func.vmap`` over their stacked parameters and buffers; the update then runs per
+    lane, exactly as :func:`build_step` does it, so a lane follows the same arithmetic as the
+    seed trained alone (up to the float rounding of batched kernels).
+    """
+    gradients, update = _step_halves(pieces)
+    lane_gradients = vmap(gradients)
+
+    def pure_lane_step(
+        params: list[NamedTensors],
+        buffers: list[NamedTensors],
+        opt_states: list[OptState],
+        xs: list[torch.Tensor],
+        ys: list[torch.Tensor],
+    ) -> tuple[list[NamedTensors], list[NamedTensors], list[OptState], list[dict]]:
+        grads, losses, new_buffers = lane_gradients(
+            _stack(params), _stack(buffers), torch.stack(xs), torch.stack(ys)
+        )
+        lanes = range(len(params))
+        updates = [
+            update(params[i], {n: g[i] for n, g in grads.items()}, opt_states[i], losses[i])
+            for i in lanes
+        ]
+        lane_buffers = [{n: b[i] for n, b in new_buffers.items()} for i in lanes]
+        new_params, new_opt_states, metrics = (
+            list(column) for column in zip(*updates, strict=True)
+        )
+        return new_params, lane_buffers, new_opt_states, metrics
+
+    core = torch.compile(pure_lane_step) if compile else pure_lane_step
+
+    def step(
+        states: Sequence[TrainState], batches: Sequence[Batch]
+    ) -> tuple[list[TrainState], list[dict[str, torch.Tensor]]]:
+        params, buffers, opt_states, metrics = core(
+            [s.params for s in states],
+            [s.buffers for s in states],
+            [s.opt_state for s in states],
+            [x for x, _ in batches],
+            [y for _, y in batches],
+        )
+        new_states = [
+            state.replace(step=state.step + 1, params=p, buffers=b, opt_state=o)
+            for state, p, b, o in zip(states, params, buffers, opt_states, strict=True)
+        ]
+        return new_states, metrics
+
+    return step
+
+
+def _stack(lanes: list[NamedTensors]) -> NamedTensors:
+    """One tensor per name, the lanes stacked along a new first dimension."""
+    return {name: torch.stack([lane[name] for lane in lanes]) for name in lanes[0]}
+
+
 @attrs.frozen
 class Evaluation:
     """Mean cross-entropy and accuracy over a split."""
@@ -118,35 +210,68 @@ class Evaluation:
     accuracy: float
 
 
-def build_evaluate(
-    eval_model: nn.Module, autocast_dtype: torch.dtype | None, compile: bool = False
-) -> Callable[[TrainState, Iterable[Batch]], Evaluation]:
-    """``evaluate(state, batches) -> Evaluation`` with the model in eval mode.
-
-    Sums stay on the device until the last batch: one host sync per evaluation.
-    """
-
+def _batch_sums(
+    eval_model: nn.Module, autocast_dtype: torch.dtype | None
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     def batch_sums(
         params: NamedTensors, buffers: NamedTensors, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with _autocast(x.device, autocast_dtype):
-            logits = functional_call(eval_model, (params, buffers), (x,)).float()
+            logits = _at_least_float32(functional_call(eval_model, (params, buffers), (x,)))
         loss_sum = F.cross_entropy(logits, y, reduction="sum")
         correct = (logits.argmax(dim=1) == y).sum()
         return loss_sum, correct
 
+    return batch_sums
+
+
+@torch.no_grad()
+def _evaluations(
+    core: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    params: NamedTensors,
+    buffers: NamedTensors,
+    batches: Iterable[Batch],
+) -> list[Evaluation]:
+    """Sum over the batches on the device, then one host sync; a list of one per lane."""
+    loss_sum = correct = count = 0
+    for x, y in batches:
+        batch_loss, batch_correct = core(params, buffers, x, y)
+        loss_sum = loss_sum + batch_loss
+        correct = correct + batch_correct
+        count += len(y)
+    if count == 0:
+        return [Evaluation(float("nan"), float("nan"))]
+    losses = torch.as_tensor(loss_sum).reshape(-1).tolist()
+    corrects = torch.as_tensor(correct).reshape(-1).tolist()
+    return [
+        Evaluation(loss / count, right / count)
+        for loss, right in zip(losses, corrects, strict=True)
+    ]
+
+
+def build_evaluate(
+    eval_model: nn.Module, autocast_dtype: torch.dtype | None, compile: bool = False
+) -> Callable[[TrainState, Iterable[Batch]], Evaluation]:
+    """``evaluate(state, batches) -> Evaluation`` with the model in eval mode."""
+    batch_sums = _batch_sums(eval_model, autocast_dtype)
     core = torch.compile(batch_sums) if compile else batch_sums
 
-    @torch.no_grad()
     def evaluate(state: TrainState, batches: Iterable[Batch]) -> Evaluation:
-        loss_sum = correct = count = 0
-        for x, y in batches:
-            batch_loss, batch_correct = core(state.params, state.buffers, x, y)
-            loss_sum = loss_sum + batch_loss
-            correct = correct + batch_correct
-            count += len(y)
-        if count == 0:
-            return Evaluation(float("nan"), float("nan"))
-        return Evaluation(float(loss_sum) / count, float(correct) / count)
+        return _evaluations(core, state.params, state.buffers, batches)[0]
+
+    return evaluate
+
+
+def build_lane_evaluate(
+    eval_model: nn.Module, autocast_dtype: torch.dtype | None, compile: bool = False
+) -> Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]]:
+    """``evaluate(states, batches) -> [Evaluation, ...]``, all lanes vmapped over one batch."""
+    lane_sums = vmap(_batch_sums(eval_model, autocast_dtype), in_dims=(0, 0, None, None))
+    core = torch.compile(lane_sums) if compile else lane_sums
+
+    def evaluate(states: Sequence[TrainState], batches: Iterable[Batch]) -> list[Evaluation]:
+        params = _stack([s.params for s in states])
+        buffers = _stack([s.buffers for s in states])
+        return _evaluations(core, params, buffers, batches)
 
     return evaluate

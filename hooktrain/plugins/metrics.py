@@ -21,13 +21,17 @@ METRICS_FILE = "metrics.json"
 TENSORBOARD_FOLDER = "tensorboard"
 
 
-def _hparams(config: dict[str, Any]) -> dict[str, Any]:
-    """The configuration flattened to the scalar values TensorBoard's hparams accept."""
+def _hparams(config: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
+    """The configuration and the run's tags, flattened to the scalars hparams accept.
+
+    A plugin's presence reads ``"on"``, so a tag that says ``"off"`` compares with it.
+    """
     flat: dict[str, Any] = dict(config["recipe"])
     for plugin in config["plugins"]:
-        flat[plugin["name"]] = True
+        flat[plugin["name"]] = "on"
         for key, value in plugin["settings"].items():
             flat[f"{plugin['name']}.{key}"] = value
+    flat.update(tags)
     return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in flat.items()}
 
 
@@ -73,10 +77,12 @@ class Metrics(Plugin):
 
     @hookimpl
     def hooktrain_epoch_start(self, run: RunContext, state: TrainState) -> None:
-        if self.progress:
+        # Seeds in lockstep share one bar: the first seed's.
+        if self.progress and run.lane == 0:
+            together = f" ({run.lanes} seeds)" if run.lanes > 1 else ""
             self._bar = click.progressbar(
                 length=run.steps_per_epoch,
-                label=f"epoch {state.epoch + 1}/{run.recipe.epochs}",
+                label=f"epoch {state.epoch + 1}/{run.recipe.epochs}{together}",
                 show_eta=True,
                 item_show_func=lambda _: self._shown,
             )
@@ -137,7 +143,7 @@ class Metrics(Plugin):
                 "hparam/test_accuracy": report.test_accuracy,
                 "hparam/test_loss": report.test_loss,
             }
-            self._writer.add_hparams(_hparams(run.config), metrics, run_name=".")
+            self._writer.add_hparams(_hparams(run.config, run.tags), metrics, run_name=".")
             self._writer.close()
         run.echo(
             f"final test accuracy {report.test_accuracy:.2%} "

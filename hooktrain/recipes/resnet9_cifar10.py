@@ -5,8 +5,12 @@ pool, dropout 0.2, linear 10), batches of 400 for 8 epochs; augmentation is a ra
 of the image padded by 4 (reflected) and a random horizontal flip; Adam with L2 weight decay
 1e-4, the learning rate one-cycled up to 0.01 and back down every batch, gradients clipped to
 [-0.1, 0.1]. On CUDA it runs in bf16 autocast with channels_last.
+
+``hooktrain ablate resnet9_cifar10`` (no --vary) runs the ablation declared at the end: what
+clipping and weight decay are each worth, over three seeds.
 """
 
+from hooktrain.engine.ablation import Ablation
 from hooktrain.engine.recipe import Recipe
 from hooktrain.plugins.checkpoint import Checkpoint
 from hooktrain.plugins.grad_clip import GradClip
@@ -34,3 +38,5 @@ recipe = Recipe(
         Checkpoint(every=1),
     ),
 )
+
+ablation = Ablation(vary={"grad_clip": ["on", "off"], "weight_decay": ["on", "off"]}, seeds=3)

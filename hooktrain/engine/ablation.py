@@ -1,0 +1,528 @@
+"""Ablations: a recipe varied along factors, every cell trained over several seeds, one table.
+
+Synopsis::
+
+    ablation = Ablation(vary={"grad_clip": ["on", "off"], "max_lr": [0.005, 0.01]}, seeds=5)
+    result = run_ablation(recipe, ablation, out_dir=Path("runs/clip-vs-lr"))
+    print(result.table())
+
+A factor's first value is its baseline. A factor is a plugin switched ``on``/``off``, a plugin
+setting (``grad_clip.max``) or a recipe field (``max_lr``). Seed ``s`` of every cell shares its
+initialisation and data order with seed ``s`` of the baseline, so differences are compared seed
+by seed (a paired t interval), which takes the seed-to-seed spread out of the comparison.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import re
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from hooktrain.engine import checkpoints
+from hooktrain.engine.plugin import plugin_classes
+from hooktrain.engine.recipe import Recipe, apply_overrides, field_names, recipe_to_config
+from hooktrain.errors import HooktrainError
+
+ABLATION_FILE = "ablation.json"
+TABLE_FILE = "ablation.md"
+CELLS_FOLDER = "cells"
+FORMAT = "hooktrain-ablation"
+VERSION = 1
+ON, OFF = "on", "off"
+MODES = ("grid", "one-at-a-time")
+Mode = Literal["grid", "one-at-a-time"]
+
+
+# --------------------------------------------------------------------------------------------
+# Factors and cells
+# --------------------------------------------------------------------------------------------
+
+
+def _as_text(value: Any) -> str:
+    """A Python value as the command line would write it."""
+    if isinstance(value, bool):  # on/off reads as a switch for plugins and as a bool for fields
+        return ON if value else OFF
+    if isinstance(value, tuple | list):
+        return ",".join(_as_text(item) for item in value)
+    return str(value).strip()
+
+
+def split_values(text: str) -> list[str]:
+    """``"a,b,(c,d)"`` as ``["a", "b", "c,d"]``: commas inside brackets belong to one value."""
+    values, depth, start = [], 0, 0
+    for index, char in enumerate(text):
+        if char in "([":
+            depth += 1
+        elif char in ")]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append(text[start:index])
+            start = index + 1
+    values.append(text[start:])
+    return [_unbracket(value.strip()) for value in values]
+
+
+def _unbracket(value: str) -> str:
+    if value[:1] in ("(", "[") and value[-1:] in (")", "]"):
+        return value[1:-1].strip()
+    return value
+
+
+@attrs.frozen
+class Factor:
+    """One ``--vary``: a key and the values it takes, the first being the baseline's."""
+
+    key: str
+    values: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Factor:
+        """``"KEY=V1,V2,..."`` as a factor; values in brackets may hold commas."""
+        key, sep, values = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise HooktrainError(
+                f"--vary takes KEY=VALUE1,VALUE2,... (e.g. --vary grad_clip=on,off), not {text!r}."
+            )
+        return cls.of(key, split_values(values) if values.strip() else [])
+
+    @classmethod
+    def of(cls, key: str, values: Sequence[Any]) -> Factor:
+        """A factor from Python values (numbers, booleans, tuples or text)."""
+        texts = tuple(_as_text(value) for value in values)
+        if not texts or any(not text for text in texts):
+            raise HooktrainError(
+                f"--vary {key} needs at least one value and no empty ones "
+                f"(e.g. --vary {key}=A,B), not {','.join(texts)!r}."
+            )
+        repeated = sorted({text for text in texts if texts.count(text) > 1})
+        if repeated:
+            raise HooktrainError(f"--vary {key} lists {repeated[0]!r} twice; list each value once.")
+        return cls(key, texts)
+
+
+def _to_factors(vary: Mapping[str, Sequence[Any]] | Sequence[Factor]) -> tuple[Factor, ...]:
+    if isinstance(vary, Mapping):
+        return tuple(Factor.of(key, values) for key, values in vary.items())
+    return tuple(vary)
+
+
+@attrs.frozen
+class Cell:
+    """One combination of factor values: ``settings`` after dropping what an off plugin makes
+    moot; ``name`` lists where it differs from the baseline (``"baseline"`` for the baseline).
+    """
+
+    name: str
+    settings: tuple[tuple[str, str], ...]
+    baseline: bool
+
+    @property
+    def folder(self) -> str:
+        """The cell's folder name: its name, where characters awkward in paths are replaced,
+        followed by a hash of the name that keeps such cells apart."""
+        safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", self.name)
+        if safe == self.name:
+            return safe
+        return f"{safe}-{hashlib.sha1(self.name.encode()).hexdigest()[:8]}"
+
+
+@attrs.frozen(kw_only=True)
+class Ablation:
+    """Which settings to vary, how to combine them, and how many seeds each combination gets.
+
+    ``vary`` maps a key to its values (``{"grad_clip": ["on", "off"]}``); ``mode`` ``grid`` runs
+    every combination, ``one-at-a-time`` the baseline plus each single change from it.
+    ``parallel_seeds`` trains that many seeds of a cell at once, vmapped.
+    """
+
+    vary: tuple[Factor, ...] = attrs.field(converter=_to_factors)
+    mode: Mode = "grid"
+    seeds: int = 3
+    parallel_seeds: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        if not self.vary:
+            raise HooktrainError("An ablation needs at least one --vary KEY=VALUE1,VALUE2,....")
+        keys = [factor.key for factor in self.vary]
+        if "seed" in keys:
+            raise HooktrainError(
+                "--vary seed is not a factor: every cell already trains over the seeds "
+                "(--seeds N, from the recipe's seed); vary something else."
+            )
+        for key in keys:
+            if keys.count(key) > 1:
+                raise HooktrainError(f"--vary {key} is given twice; list all its values in one.")
+        if self.mode not in MODES:
+            raise HooktrainError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}.")
+        if self.seeds < 1 or self.parallel_seeds < 1:
+            raise HooktrainError(
+                f"--seeds and --parallel-seeds must be at least 1, not {self.seeds} and "
+                f"{self.parallel_seeds}."
+            )
+
+    def cells(self, recipe: Recipe) -> list[Cell]:
+        """The cells to train, baseline first; every one checked against ``recipe``."""
+        toggles = {f.key for f in self.vary if _is_toggle(f, recipe)}
+        baseline = tuple((f.key, f.values[0]) for f in self.vary)
+        if self.mode == "grid":
+            combinations = [
+                tuple(zip([f.key for f in self.vary], values, strict=True))
+                for values in itertools.product(*(f.values for f in self.vary))
+            ]
+        else:
+            combinations = [baseline] + [
+                tuple((k, value if k == f.key else v) for k, v in baseline)
+                for f in self.vary
+                for value in f.values[1:]
+            ]
+        moot_free = [_drop_moot(settings, toggles) for settings in combinations]
+        base = dict(moot_free[0])
+        cells: list[Cell] = []
+        for settings in dict.fromkeys(moot_free):  # in order, each combination once
+            changed = [f"{k}={v}" for k, v in settings if base.get(k) != v]
+            is_base = not changed
+            cells.append(Cell("baseline" if is_base else ",".join(changed), settings, is_base))
+        seen: dict[str, Cell] = {}
+        for cell in cells:  # every cell's errors before any training
+            try:
+                config = json.dumps(recipe_to_config(cell_recipe(recipe, cell, toggles)))
+            except HooktrainError as error:
+                raise HooktrainError(f"--vary, in the cell {cell.name}: {error}") from error
+            if config in seen:
+                raise HooktrainError(
+                    f"--vary gives the cells {seen[config].name} and {cell.name} the same "
+                    "settings (values that mean the same, like 0.1 and 0.10); list each once."
+                )
+            seen[config] = cell
+        return cells
+
+    def check_fixed(self, fixed_keys: Collection[str]) -> None:
+        """Refuse keys (of --set, --with, --without) that a factor also varies."""
+        both = [f.key for f in self.vary if f.key in fixed_keys]
+        if both:
+            raise HooktrainError(
+                f"{both[0]} is both varied and fixed (--set/--with/--without); drop one of the two."
+            )
+
+    def spec(self, recipe: Recipe) -> dict[str, Any]:
+        """What identifies this ablation's results (not how they are computed: parallel_seeds)."""
+        return {
+            "recipe": recipe_to_config(recipe),
+            "vary": {f.key: list(f.values) for f in self.vary},
+            "mode": self.mode,
+            "seeds": self.seed_list(recipe),
+        }
+
+    def seed_list(self, recipe: Recipe) -> list[int]:
+        """The seeds every cell trains: the recipe's seed and the ones after it."""
+        return [recipe.seed + i for i in range(self.seeds)]
+
+
+def _is_toggle(factor: Factor, recipe: Recipe) -> bool:
+    """Whether the factor switches a plugin on and off (else it sets a value)."""
+    key = factor.key
+    if "." in key or key in field_names(Recipe):
+        return False
+    if recipe.plugin(key) is None and key not in plugin_classes():
+        valid = field_names(Recipe) + sorted({*plugin_classes(), *(p.name for p in recipe.plugins)})
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise HooktrainError(
+            f"--vary {key}: {key!r} is neither a recipe field nor a plugin.{hint} Vary a plugin "
+            "(grad_clip=on,off), a plugin setting (grad_clip.max=0.05,0.1) or a recipe field "
+            "(max_lr=0.005,0.01); `hooktrain list` shows the plugins."
+        )
+    bad = [v for v in factor.values if v not in (ON, OFF)]
+    if bad:
+        raise HooktrainError(
+            f"--vary {key}: {key!r} is a plugin, so its values are on and off, not {bad[0]!r}; "
+            f"to vary one of its settings use --vary {key}.SETTING=A,B."
+        )
+    return True
+
+
+def _drop_moot(
+    settings: tuple[tuple[str, str], ...], toggles: set[str]
+) -> tuple[tuple[str, str], ...]:
+    """Settings of a plugin that is off in this combination change nothing: leave them out."""
+    off = {k for k, v in settings if k in toggles and v == OFF}
+    return tuple((k, v) for k, v in settings if k.partition(".")[0] not in off or k in toggles)
+
+
+def cell_recipe(recipe: Recipe, cell: Cell, toggles: set[str]) -> Recipe:
+    """``recipe`` with the cell's plugins switched and settings applied."""
+    switched = [(k, v) for k, v in cell.settings if k in toggles]
+    with_plugins = [k for k, v in switched if v == ON and recipe.plugin(k) is None]
+    without_plugins = [k for k, v in switched if v == OFF and recipe.plugin(k) is not None]
+    assignments = [f"{k}={v}" for k, v in cell.settings if k not in toggles]
+    return apply_overrides(recipe, assignments, with_plugins, without_plugins)
+
+
+# --------------------------------------------------------------------------------------------
+# Results and the table
+# --------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class CellSummary:
+    """A cell's figures over its seeds; accuracies are fractions, ``delta`` is against the
+    baseline, paired by seed, with its 95% interval (None with fewer than two seeds)."""
+
+    cell: str
+    baseline: bool
+    runs: int
+    mean: float
+    std: float | None
+    delta: float | None
+    delta_low: float | None
+    delta_high: float | None
+    seconds: float
+
+
+def _t_quantile(probability: float, degrees: int) -> float:
+    from scipy import stats  # imported here: a second of import time only ablations pay
+
+    return float(stats.t.ppf(probability, degrees))
+
+
+def summarise(
+    cell: Cell, accuracies: Sequence[float], baseline: Sequence[float] | None, seconds: float
+) -> CellSummary:
+    """Mean, std (n-1) and, against ``baseline`` (same seeds, same order), the paired delta."""
+    n = len(accuracies)
+    std = statistics.stdev(accuracies) if n > 1 else None
+    delta = low = high = None
+    if baseline is not None:
+        differences = [a - b for a, b in zip(accuracies, baseline, strict=True)]
+        delta = statistics.fmean(differences)
+        if n > 1:
+            half = _t_quantile(0.975, n - 1) * statistics.stdev(differences) / math.sqrt(n)
+            low, high = delta - half, delta + half
+    mean = statistics.fmean(accuracies)
+    return CellSummary(cell.name, cell.baseline, n, mean, std, delta, low, high, seconds)
+
+
+@attrs.define
+class AblationResult:
+    """Everything ``ablation.json`` holds: the spec, the cells and every finished run."""
+
+    spec: dict[str, Any]
+    cells: list[Cell]
+    runs: dict[str, dict[str, dict[str, float]]]  # cell name -> seed -> figures
+
+    def summaries(self) -> list[CellSummary]:
+        """One summary per cell with all its seeds finished, the baseline's first."""
+        seeds = [str(s) for s in self.spec["seeds"]]
+
+        def accuracies(cell: Cell) -> list[float] | None:
+            runs = self.runs.get(cell.name, {})
+            if not all(s in runs for s in seeds):
+                return None
+            return [runs[s]["test_accuracy"] for s in seeds]
+
+        base = accuracies(self.cells[0])
+        summaries = []
+        for cell in self.cells:
+            cell_accuracies = accuracies(cell)
+            if cell_accuracies is None:
+                continue
+            seconds = sum(run["seconds"] for run in self.runs[cell.name].values())
+            reference = None if cell.baseline else base
+            summaries.append(summarise(cell, cell_accuracies, reference, seconds))
+        return summaries
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's contents; :meth:`from_json` reads them back."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "spec": self.spec,
+            "cells": [
+                {
+                    "name": cell.name,
+                    "folder": cell.folder,
+                    "baseline": cell.baseline,
+                    "settings": dict(cell.settings),
+                    "runs": self.runs.get(cell.name, {}),
+                }
+                for cell in self.cells
+            ],
+            "summary": [attrs.asdict(summary) for summary in self.summaries()],
+        }
+
+    def table(self) -> str:
+        """The summaries as a Markdown table, accuracies in percent, deltas in points."""
+
+        def percent(value: float | None) -> str:
+            return "-" if value is None else f"{100 * value:.2f}"
+
+        lines = [
+            "| cell | seeds | test accuracy % (mean ± std) | Δ vs baseline, points [95% CI] "
+            "| wall s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for s in self.summaries():
+            accuracy = percent(s.mean) + ("" if s.std is None else f" ± {percent(s.std)}")
+            if s.baseline:
+                delta = "(baseline)"
+            elif s.delta is None:
+                delta = "- (baseline unfinished)"
+            else:
+                interval = (
+                    ""
+                    if s.delta_low is None
+                    else (f" [{100 * s.delta_low:+.2f}, {100 * s.delta_high:+.2f}]")
+                )
+                delta = f"{100 * s.delta:+.2f}{interval}"
+            lines.append(f"| {s.cell} | {s.runs} | {accuracy} | {delta} | {s.seconds:.1f} |")
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """``ablation.md``: what was varied, the table, and how to read it."""
+        recipe = self.spec["recipe"]["recipe"]["name"]
+        vary = "; ".join(f"{k} = {', '.join(v)}" for k, v in self.spec["vary"].items())
+        seeds = ", ".join(map(str, self.spec["seeds"]))
+        return (
+            f"# Ablation of {recipe}\n\n"
+            f"Varied ({self.spec['mode']}, first value = baseline): {vary}.\n"
+            f"Seeds: {seeds}. Accuracy is the final test accuracy; std is over seeds (n-1).\n"
+            "Δ is the mean over seeds of (cell - baseline) for the same seed, with a 95% paired "
+            "t interval; wall s is the time spent training the cell's seeds.\n\n"
+            f"{self.table()}\n"
+        )
+
+
+def _read_result(path: Path, spec: dict[str, Any], cells: list[Cell]) -> AblationResult:
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("format") != FORMAT or saved.get("version") != VERSION:
+            raise ValueError("not an ablation file of this version")
+        runs = {cell["name"]: dict(cell["runs"]) for cell in saved["cells"]}
+        saved_spec = saved["spec"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise HooktrainError(
+            f"{path} cannot be read as a hooktrain ablation ({error}); pass another --out."
+        ) from error
+    if saved_spec != json.loads(json.dumps(spec)):
+        differs = [key for key in spec if saved_spec.get(key) != json.loads(json.dumps(spec[key]))]
+        raise HooktrainError(
+            f"{path.parent} holds an ablation with other settings (its {', '.join(differs)} "
+            "differ); repeat the command that started it to continue it, or pass another --out."
+        )
+    return AblationResult(spec, cells, runs)
+
+
+def _write(out_dir: Path, result: AblationResult) -> None:
+    text = json.dumps(result.to_json(), indent=2) + "\n"
+    checkpoints.atomic_write(out_dir / ABLATION_FILE, lambda file: file.write(text.encode()))
+    markdown = result.markdown()
+    checkpoints.atomic_write(out_dir / TABLE_FILE, lambda file: file.write(markdown.encode()))
+
+
+def holds_ablation(folder: Path, recipe: Recipe, ablation: Ablation) -> bool:
+    """Whether ``folder`` has an ablation file with exactly this ablation's spec."""
+    try:
+        saved = json.loads((folder / ABLATION_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return saved.get("spec") == json.loads(json.dumps(ablation.spec(recipe)))
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def run_ablation(
+    recipe: Recipe,
+    ablation: Ablation,
+    *,
+    out_dir: Path,
+    data_dir: Path | None = None,
+    device: str = "auto",
+    echo: Callable[[str], None] = print,
+) -> AblationResult:
+    """Train every cell of ``ablation`` over its seeds, into ``out_dir``; return the results.
+
+    A cell's seed is ``out_dir/cells/CELL/seed-S``, an ordinary run folder. Results are saved
+    after every finished run, so running this again on the same folder skips what finished
+    (a run cut off halfway starts over: its wall time would otherwise be wrong).
+    """
+    # The engine loads torch; the spec does not.
+    from hooktrain.engine.loop import resolve_device, train_seeds
+
+    cells = ablation.cells(recipe)
+    toggles = {f.key for f in ablation.vary if _is_toggle(f, recipe)}
+    spec = ablation.spec(recipe)
+    path = out_dir / ABLATION_FILE
+    if path.exists():
+        result = _read_result(path, spec, cells)
+        finished = sum(len(runs) for runs in result.runs.values())
+        echo(f"continuing the ablation in {out_dir}: {finished} finished runs are kept")
+    else:
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise HooktrainError(
+                f"{out_dir} is not empty and holds no ablation; pass another --out."
+            )
+        result = AblationResult(spec, cells, {})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write(out_dir, result)
+
+    seeds = ablation.seed_list(recipe)
+    if ablation.parallel_seeds > 1 and resolve_device(device).type == "cpu":
+        echo(
+            "note: on the CPU, seeds trained together run slower than one by one (vmap makes "
+            "grouped convolutions, which CPU kernels do worse); --parallel-seeds pays on GPUs."
+        )
+    echo(
+        f"ablation of {recipe.name}: {len(cells)} cells x {len(seeds)} seeds "
+        f"({ablation.mode}), in {out_dir}"
+    )
+    for number, cell in enumerate(cells, start=1):
+        done = result.runs.setdefault(cell.name, {})
+        todo = [s for s in seeds if str(s) not in done]
+        label = f"[{number}/{len(cells)} {cell.name}]"
+        if not todo:
+            echo(f"{label} finished before, skipped")
+            continue
+        variant = cell_recipe(recipe, cell, toggles)
+        tags = {"cell": cell.name, **{k: v for k, v in cell.settings if k in toggles}}
+        for start in range(0, len(todo), ablation.parallel_seeds):
+            group = todo[start : start + ablation.parallel_seeds]
+            run_dirs = [out_dir / CELLS_FOLDER / cell.folder / f"seed-{s}" for s in group]
+            for run_dir in run_dirs:  # left by an interrupted attempt
+                shutil.rmtree(run_dir, ignore_errors=True)
+            started = time.perf_counter()
+            prefix = f"{label} " if len(group) > 1 else f"{label} seed {group[0]}: "
+            reports = train_seeds(
+                attrs.evolve(variant, seed=group[0]),
+                group,
+                out_dirs=run_dirs,
+                data_dir=data_dir,
+                device=device,
+                echo=lambda line, prefix=prefix: echo(prefix + line),
+                tags=tags,
+            )
+            share = (time.perf_counter() - started) / len(group)
+            for seed, report in zip(group, reports, strict=True):
+                done[str(seed)] = {
+                    "test_accuracy": report.test_accuracy,
+                    "test_loss": report.test_loss,
+                    "seconds": share,
+                }
+            _write(out_dir, result)
+    echo(result.table())
+    echo(f"table: {out_dir / TABLE_FILE}; curves: tensorboard --logdir {out_dir}")
+    return result

@@ -1,0 +1,303 @@
+"""Seeds trained together (vmapped) against seeds trained alone, and the dropout that allows it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torch.func import functional_call, vmap
+
+from hooktrain import models
+from hooktrain.cli import main
+from hooktrain.engine.checkpoints import load_checkpoint
+from hooktrain.engine.context import BuildContext
+from hooktrain.engine.loop import train, train_seeds
+from hooktrain.engine.optim import adam, sgd
+from hooktrain.engine.recipe import apply_overrides, load_recipe
+from hooktrain.engine.state import TrainState
+from hooktrain.engine.step import StepPieces, build_lane_step, build_step
+from hooktrain.errors import HooktrainError
+from hooktrain.models import Dropout, build_model, hashed_uniform, resnet9
+from hooktrain.plugins.grad_clip import clip_by_norm, clip_by_value
+from hooktrain.plugins.onecycle import onecycle_schedule
+from hooktrain.plugins.weight_decay import WeightDecay
+
+# Two steps per epoch on 80 of the tiny set's images.
+TINY = ["width=4", "batch_size=40", "train_limit=80", "eval_batch_size=100"]
+QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]
+
+
+def flagship(*settings: str) -> object:
+    return apply_overrides(load_recipe("resnet9_cifar10"), [*TINY, *QUIET, *settings])
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", [adam(), sgd()], ids=["adam", "sgd"])
+def test_lane_step_equals_single_steps_in_float64(optimizer: object) -> None:
+    """Three seeds through one vmapped step, twelve times, equal each seed stepped alone.
+
+    Every piece of the flagship is in play (one-cycle, decay groups, clipping by value and by
+    global norm, dropout 0.2, BatchNorm). Float64 shows the arithmetic is the same: in float32
+    a max-pool or ReLU decision that flips on a rounding difference makes tiny nets drift apart
+    within a dozen steps, which is chaos, not a different computation.
+    """
+    lanes = 3
+    states, shapes = [], None
+    for seed in range(lanes):
+        torch.manual_seed(seed)
+        model = resnet9(10, width=4, dropout=0.2).double().train()
+        shapes = shapes or model
+        states.append(TrainState.create(model, optimizer, seed))
+    names = tuple(name for name, _ in shapes.named_parameters())
+    shapes_by_name = {name: p.shape for name, p in shapes.named_parameters()}
+    build = BuildContext(load_recipe("resnet9_cifar10"), shapes_by_name, 12, optimizer)
+    decay = WeightDecay(rate=5e-4).hooktrain_weight_decay(build=build)
+    pieces = StepPieces(
+        model=shapes,
+        optimizer=optimizer,
+        param_names=names,
+        schedule=onecycle_schedule(0.05, 12),
+        transforms=[clip_by_value(0.5), clip_by_norm(1.0)],
+        decay=decay,
+    )
+    alone_step, together_step = build_step(pieces), build_lane_step(pieces)
+    generator = torch.Generator().manual_seed(0)
+    alone, together = list(states), list(states)
+    for _ in range(12):
+        batches = [
+            (
+                torch.randn(16, 3, 32, 32, generator=generator, dtype=torch.float64),
+                torch.randint(0, 10, (16,), generator=generator),
+            )
+            for _ in range(lanes)
+        ]
+        together, together_metrics = together_step(together, batches)
+        stepped = [alone_step(state, batch) for state, batch in zip(alone, batches, strict=True)]
+        alone = [state for state, _ in stepped]
+        for (_, metrics), lane_metrics in zip(stepped, together_metrics, strict=True):
+            torch.testing.assert_close(lane_metrics, metrics, rtol=1e-7, atol=1e-9)
+    for one, other in zip(alone, together, strict=True):
+        assert other.step == one.step == 12
+        torch.testing.assert_close(other.params, one.params, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(other.buffers, one.buffers, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(other.opt_state, one.opt_state, rtol=1e-7, atol=1e-9)
+    # The seeds really are different runs.
+    assert not torch.allclose(together[0].params["0.0.weight"], together[1].params["0.0.weight"])
+
+
+# --------------------------------------------------------------------------------------------
+# Whole runs
+# --------------------------------------------------------------------------------------------
+
+
+def test_seeds_trained_together_equal_seeds_trained_alone(tiny_cifar: Path, tmp_path: Path) -> None:
+    """train_seeds on three seeds gives each seed the run it gets alone: own initialisation,
+    data order, augmentation and dropout masks.
+
+    In float32 on the CPU the two paths use different convolution kernels: a single model's
+    goes through oneDNN, the grouped convolution that vmap makes of a group of seeds does not,
+    and its weight gradients are further from float64's (seen here: 4e-4 against 3e-6 on
+    gradients of size 0.9). So the updates are compared relative to their size, to 10%; a wrong
+    batch, mask or initialisation makes them differ by 100% or more. SGD at a constant rate keeps
+    that comparison clean: with Adam, the conv biases that feed BatchNorm have a true gradient
+    of zero, and Adam scales their rounding noise up to whole +-lr steps. The float64 step test
+    above shows the arithmetic is the same, Adam and the one-cycle schedule included.
+    """
+    recipe = apply_overrides(
+        flagship("optimizer=sgd", "max_lr=0.05", "epochs=1"), without_plugins=["onecycle"]
+    )
+    seeds = [0, 1, 2]
+    together = train_seeds(
+        recipe,
+        seeds,
+        out_dirs=[tmp_path / f"together-{s}" for s in seeds],
+        data_dir=tiny_cifar,
+        device="cpu",
+        echo=lambda _: None,
+    )
+    for seed, report in zip(seeds, together, strict=True):
+        alone = train(
+            apply_overrides(recipe, [f"seed={seed}"]),
+            out_dir=tmp_path / f"alone-{seed}",
+            data_dir=tiny_cifar,
+            device="cpu",
+            echo=lambda _: None,
+        )
+        assert report.train_loss == pytest.approx(alone.train_loss, rel=1e-3)
+        assert report.test_loss == pytest.approx(alone.test_loss, rel=1e-3)
+        torch.manual_seed(seed)
+        initial = dict(build_model("resnet9", 10, width=4, dropout=0.2).named_parameters())
+        kept = load_checkpoint(tmp_path / f"together-{seed}" / "checkpoints" / "last.pt")
+        reference = load_checkpoint(tmp_path / f"alone-{seed}" / "checkpoints" / "last.pt")
+        assert kept["config"]["recipe"]["seed"] == seed
+        for name, start in initial.items():
+            moved = reference["state"]["params"][name] - start.detach()
+            apart = kept["state"]["params"][name] - reference["state"]["params"][name]
+            # (+1e-5: a conv bias before BatchNorm has a zero gradient and does not move.)
+            assert apart.norm() <= 0.1 * moved.norm() + 1e-5, name
+        torch.testing.assert_close(
+            kept["state"]["buffers"], reference["state"]["buffers"], rtol=1e-3, atol=1e-4
+        )
+
+
+def test_seeds_together_resume_exactly(tiny_cifar: Path, tmp_path: Path) -> None:
+    """Two seeds stopped after epoch 1 and resumed together end bit-identical to two seeds
+    trained for two epochs without a stop; the lane folders are ordinary resumable runs."""
+    recipe = flagship("epochs=2")
+    seeds = [3, 4]
+
+    def folders(name: str) -> list[Path]:
+        return [tmp_path / name / f"seed-{s}" for s in seeds]
+
+    options = {"data_dir": tiny_cifar, "device": "cpu", "echo": lambda _: None}
+    train_seeds(recipe, seeds, out_dirs=folders("straight"), **options)
+    train_seeds(recipe, seeds, out_dirs=folders("stopped"), stop_after_epoch=1, **options)
+    payloads = [load_checkpoint(d / "checkpoints" / "last.pt") for d in folders("stopped")]
+    assert [p["state"]["epoch"] for p in payloads] == [1, 1]
+    train_seeds(recipe, seeds, out_dirs=folders("stopped"), resume=payloads, **options)
+    for straight, stopped in zip(folders("straight"), folders("stopped"), strict=True):
+        a = load_checkpoint(straight / "checkpoints" / "last.pt")["state"]
+        b = load_checkpoint(stopped / "checkpoints" / "last.pt")["state"]
+        assert a["step"] == b["step"] == 4
+        for kind in ("params", "buffers"):
+            for name in a[kind]:
+                assert torch.equal(a[kind][name], b[kind][name]), (kind, name)
+        history = json.loads((stopped / "metrics.json").read_text())
+        assert history["finished"] and len(history["epochs"]) == 2
+
+
+def test_one_seed_of_a_group_resumes_on_its_own(tiny_cifar: Path, tmp_path: Path) -> None:
+    """A lane's folder holds an ordinary run: `hooktrain resume` finishes it alone."""
+    seeds = [0, 1]
+    dirs = [tmp_path / f"seed-{s}" for s in seeds]
+    train_seeds(
+        flagship("epochs=2"),
+        seeds,
+        out_dirs=dirs,
+        data_dir=tiny_cifar,
+        device="cpu",
+        stop_after_epoch=1,
+        echo=lambda _: None,
+    )
+    result = CliRunner().invoke(main, ["resume", str(dirs[1]), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((dirs[1] / "metrics.json").read_text())
+    assert summary["finished"] and len(summary["epochs"]) == 2
+    assert summary["config"]["recipe"]["seed"] == 1
+
+
+def test_seeds_resumed_together_must_share_their_epoch(tiny_cifar: Path, tmp_path: Path) -> None:
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    options = {"data_dir": tiny_cifar, "device": "cpu", "echo": lambda _: None}
+    train(flagship("epochs=3", "seed=0"), out_dir=dirs[0], stop_after_epoch=1, **options)
+    train(flagship("epochs=3", "seed=1"), out_dir=dirs[1], stop_after_epoch=2, **options)
+    payloads = [load_checkpoint(d / "checkpoints" / "last.pt") for d in dirs]
+    with pytest.raises(HooktrainError, match="same epoch"):
+        train_seeds(flagship("epochs=3"), [0, 1], out_dirs=dirs, resume=payloads, **options)
+
+
+def test_torch_dropout_is_refused_for_seeds_together(
+    tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.nn.Dropout under vmap draws from one generator for all seeds: refused in words."""
+
+    def with_torch_dropout(num_classes: int, width: int, dropout: float) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(3 * 32 * 32, num_classes))
+
+    monkeypatch.setitem(models.MODELS, "torch_dropout", with_torch_dropout)
+    with pytest.raises(HooktrainError, match=r"torch's own dropout \(1\)"):
+        train_seeds(
+            flagship("model=torch_dropout"),
+            [0, 1],
+            out_dirs=[tmp_path / "a", tmp_path / "b"],
+            data_dir=tiny_cifar,
+            device="cpu",
+            echo=lambda _: None,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout with its randomness in the state
+# --------------------------------------------------------------------------------------------
+
+
+def test_hashed_uniform_is_uniform_and_keyed() -> None:
+    shape = torch.Size([500, 400])
+    u = hashed_uniform(torch.tensor(7), torch.tensor(0), shape)
+    assert u.shape == shape and u.dtype == torch.float32
+    assert u.min() >= 0 and u.max() < 1
+    assert u.mean().item() == pytest.approx(0.5, abs=0.005)
+    assert u.var().item() == pytest.approx(1 / 12, rel=0.02)
+    # Neighbours, the next counter and the next seed are uncorrelated.
+    flat = u.flatten()
+    for other in (
+        flat.roll(1),
+        hashed_uniform(torch.tensor(7), torch.tensor(1), shape).flatten(),
+        hashed_uniform(torch.tensor(8), torch.tensor(0), shape).flatten(),
+    ):
+        assert abs(torch.corrcoef(torch.stack([flat, other]))[0, 1].item()) < 0.01
+    assert torch.equal(u, hashed_uniform(torch.tensor(7), torch.tensor(0), shape))
+
+
+def test_dropout_masks_scale_count_and_stay_out_of_eval() -> None:
+    torch.manual_seed(0)
+    dropout = Dropout(0.25)
+    x = torch.ones(200, 500)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert dropped == pytest.approx(0.25, abs=0.01)
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.75))
+    assert dropout.calls.item() == 1
+    assert not torch.equal(dropout(x), y)  # the next call draws a new mask
+    dropout.eval()
+    assert torch.equal(dropout(x), x) and dropout.calls.item() == 2
+    with pytest.raises(HooktrainError, match="below 1"):
+        Dropout(1.0)
+
+
+def test_dropout_draws_the_same_masks_alone_and_vmapped() -> None:
+    """Each seed's masks depend on its own buffers only, not on how many seeds run at once."""
+    dropout = Dropout(0.5).train()
+    seeds = torch.tensor([11, 22, 33])
+    calls = torch.tensor([0, 5, 9])
+    x = torch.randn(3, 8, 16)
+
+    def forward(seed: torch.Tensor, count: torch.Tensor, inputs: torch.Tensor) -> tuple:
+        buffers = {"seed": seed, "calls": count.clone()}
+        return functional_call(dropout, buffers, (inputs,)), buffers["calls"]
+
+    together, counts = vmap(forward)(seeds, calls, x)
+    for lane in range(3):
+        alone, count = forward(seeds[lane], calls[lane], x[lane])
+        assert torch.equal(together[lane], alone)
+        assert count == counts[lane] == calls[lane] + 1
+
+
+def test_dropout_seed_follows_the_run_seed_and_lives_in_the_state() -> None:
+    def seed_of(run_seed: int) -> torch.Tensor:
+        torch.manual_seed(run_seed)
+        return dict(resnet9(10, width=4, dropout=0.2).named_buffers())["6.2.seed"]
+
+    assert torch.equal(seed_of(0), seed_of(0))
+    assert not torch.equal(seed_of(0), seed_of(1))
+    model = resnet9(10, width=4, dropout=0.2)
+    state = TrainState.create(model, sgd(), seed=0)
+    assert {"6.2.seed", "6.2.calls"} <= state.buffers.keys()
+
+
+def test_a_state_of_views_saves_only_its_own_bytes() -> None:
+    """A lane's buffers are slices of a stacked tensor; its checkpoint must not hold them all."""
+    stacked = torch.arange(1000.0).reshape(10, 100)
+    model = nn.Linear(2, 2)
+    state = TrainState.create(model, sgd(), seed=0).replace(buffers={"slice": stacked[3]})
+    saved = state.to_dict()["buffers"]["slice"]
+    assert torch.equal(saved, stacked[3])
+    assert saved.untyped_storage().nbytes() == 100 * 4
