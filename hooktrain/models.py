@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,10 +11,15 @@ from torch import nn
 from hooktrain.errors import HooktrainError
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, pool: bool = False) -> nn.Sequential:
-    """3x3 convolution, batch norm, ReLU, then 2x2 max-pooling if ``pool``."""
+def conv_bn_relu(
+    in_channels: int, out_channels: int, pool: bool = False, bias: bool = True
+) -> nn.Sequential:
+    """3x3 convolution, batch norm, ReLU, then 2x2 max-pooling if ``pool``.
+
+    ``bias=False`` drops the convolution's bias, which the batch norm right after it cancels.
+    """
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=bias),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     ]
@@ -77,6 +83,20 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class Scale(nn.Module):
+    """Multiplies its input by a constant (the logit scale of fast ResNet-9s)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
 class Residual(nn.Module):
     """``x + block(x)``."""
 
@@ -88,36 +108,52 @@ class Residual(nn.Module):
         return x + self.block(x)
 
 
-def resnet9(num_classes: int = 10, width: int = 64, dropout: float = 0.0) -> nn.Sequential:
+def resnet9(
+    num_classes: int = 10,
+    width: int = 64,
+    dropout: float = 0.0,
+    conv_bias: bool = True,
+    logit_scale: float = 1.0,
+) -> nn.Sequential:
     """The ResNet-9 of the seed notebook; ``width`` scales every layer (64 is the original).
 
     conv 64, conv 128 + pool, residual(conv 128, conv 128), conv 256 + pool, conv 512 + pool,
-    residual(conv 512, conv 512), 4x4 max-pool, dropout, linear.
+    residual(conv 512, conv 512), 4x4 max-pool, dropout, linear. Fast variants drop the conv
+    biases (``conv_bias=False``: batch norm cancels them, so their gradient is zero) and scale
+    the logits down (``logit_scale=0.125``), which keeps early training from overconfidence.
     """
     w = width
+
+    def block(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+        return conv_bn_relu(c_in, c_out, pool=pool, bias=conv_bias)
+
+    head: list[nn.Module] = [
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        Dropout(dropout),
+        nn.Linear(8 * w, num_classes),
+    ]
+    if logit_scale != 1:
+        head.append(Scale(logit_scale))
     return nn.Sequential(
-        conv_bn_relu(3, w),
-        conv_bn_relu(w, 2 * w, pool=True),
-        Residual(nn.Sequential(conv_bn_relu(2 * w, 2 * w), conv_bn_relu(2 * w, 2 * w))),
-        conv_bn_relu(2 * w, 4 * w, pool=True),
-        conv_bn_relu(4 * w, 8 * w, pool=True),
-        Residual(nn.Sequential(conv_bn_relu(8 * w, 8 * w), conv_bn_relu(8 * w, 8 * w))),
-        nn.Sequential(
-            nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(),
-            Dropout(dropout),
-            nn.Linear(8 * w, num_classes),
-        ),
+        block(3, w),
+        block(w, 2 * w, pool=True),
+        Residual(nn.Sequential(block(2 * w, 2 * w), block(2 * w, 2 * w))),
+        block(2 * w, 4 * w, pool=True),
+        block(4 * w, 8 * w, pool=True),
+        Residual(nn.Sequential(block(8 * w, 8 * w), block(8 * w, 8 * w))),
+        nn.Sequential(*head),
     )
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"resnet9": resnet9}
 
 
-def build_model(name: str, num_classes: int, width: int, dropout: float) -> nn.Module:
-    """The model a recipe names."""
+def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
+    """The model a recipe names; ``options`` are the recipe's model fields (width, dropout,
+    conv_bias, logit_scale), which every model in :data:`MODELS` accepts."""
     if name not in MODELS:
         raise HooktrainError(
             f"Unknown model {name!r}; set model to one of {', '.join(sorted(MODELS))}."
         )
-    return MODELS[name](num_classes=num_classes, width=width, dropout=dropout)
+    return MODELS[name](num_classes=num_classes, **options)

@@ -434,10 +434,13 @@ def test_list_shows_recipes_and_plugins() -> None:
     recipes = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:split]}
     plugins = {line.split()[0]: line.split(None, 1)[1] for line in lines[split + 1 :]}
     assert recipes[FLAGSHIP].startswith("The seed's run: ResNet-9 on CIFAR-10")
+    assert recipes["resnet9_fast"].startswith("ResNet-9 with the known speed ideas")
     assert set(BUILTIN_PLUGINS) == {
         "onecycle",
         "weight_decay",
         "grad_clip",
+        "label_smoothing",
+        "ema",
         "checkpoint",
         "metrics",
     }

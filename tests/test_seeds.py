@@ -209,7 +209,7 @@ def test_torch_dropout_is_refused_for_seeds_together(
 ) -> None:
     """torch.nn.Dropout under vmap draws from one generator for all seeds: refused in words."""
 
-    def with_torch_dropout(num_classes: int, width: int, dropout: float) -> nn.Module:
+    def with_torch_dropout(num_classes: int, **options: object) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(3 * 32 * 32, num_classes))
 
     monkeypatch.setitem(models.MODELS, "torch_dropout", with_torch_dropout)

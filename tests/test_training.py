@@ -107,23 +107,23 @@ def test_installed_third_party_plugin_is_listed_and_used(tiny_cifar: Path, tmp_p
         return result.stdout
 
     listing = hooktrain("list")
-    assert "label_smoothing" in listing and "label-smoothed cross-entropy" in listing
+    assert "focal_loss" in listing and "the focal loss (Lin et al., 2017)" in listing
 
     runs = {}
-    with_plugin = ["--with", "label_smoothing", "--set", "label_smoothing.smoothing=0.3"]
-    for name, extra in (("plain", []), ("smoothed", with_plugin)):
+    with_plugin = ["--with", "focal_loss", "--set", "focal_loss.gamma=1.5"]
+    for name, extra in (("plain", []), ("focal", with_plugin)):
         runs[name] = tmp_path / name
         hooktrain(
             "run", "resnet9_cifar10", "--data-dir", tiny_cifar, "--out", runs[name],
             "--device", "cpu", "--set", "epochs=1", *(a for s in TINY for a in ("--set", s)),
             *extra,
         )  # fmt: skip
-    config = json.loads((runs["smoothed"] / "config.json").read_text())
-    plugin = next(p for p in config["plugins"] if p["name"] == "label_smoothing")
-    assert plugin["settings"] == {"smoothing": 0.3}
+    config = json.loads((runs["focal"] / "config.json").read_text())
+    plugin = next(p for p in config["plugins"] if p["name"] == "focal_loss")
+    assert plugin["settings"] == {"gamma": 1.5}
 
     def train_loss(run: Path) -> float:
         return json.loads((run / "metrics.json").read_text())["epochs"][0]["train_loss"]
 
     # Same seed, data and plugins otherwise: a different loss means the plugin's loss was used.
-    assert abs(train_loss(runs["smoothed"]) - train_loss(runs["plain"])) > 1e-3
+    assert abs(train_loss(runs["focal"]) - train_loss(runs["plain"])) > 1e-3

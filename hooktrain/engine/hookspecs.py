@@ -26,7 +26,7 @@ change it. The engine's loop, with the events in the order they are emitted::
         for batch in epoch:
             state, metrics = step(state, batch)
             step_end(run, state, metrics)   # device tensors: do not sync every step
-        report = evaluate(state)
+        report = evaluate(eval_params(run, state) or state.params)
         epoch_end(run, state, report)
     fit_end(run, state, report)
 
@@ -140,6 +140,16 @@ def hooktrain_step_end(
     ``metrics`` holds ``loss`` and ``lr`` and whatever gradient transforms added (``grad_norm``).
     Reading a value (``.item()``, ``float()``) waits for the device: accumulate on the device and
     read every N steps instead, as the ``metrics`` plugin does.
+    """
+
+
+@hookspec(firstresult=True)
+def hooktrain_eval_params(run: RunContext, state: TrainState) -> dict[str, torch.Tensor] | None:
+    """Called before each evaluation: parameters to evaluate instead of ``state.params``.
+
+    *First answer wins* (None passes). The ``ema`` plugin answers with its moving average of the
+    weights; the model's buffers (BatchNorm statistics) stay the state's. Training continues
+    from ``state``, whatever is evaluated.
     """
 
 

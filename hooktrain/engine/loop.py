@@ -85,7 +85,14 @@ def _device_data(recipe: Recipe, dataset: ImageDataset, device: torch.device) ->
 def _models(recipe: Recipe, num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """The model in train mode, initialised from the recipe's seed, and a copy in eval mode."""
     torch.manual_seed(recipe.seed)
-    model = build_model(recipe.model, num_classes, recipe.width, recipe.dropout)
+    model = build_model(
+        recipe.model,
+        num_classes,
+        width=recipe.width,
+        dropout=recipe.dropout,
+        conv_bias=recipe.conv_bias,
+        logit_scale=recipe.logit_scale,
+    )
     memory_format = torch.channels_last if _channels_last(recipe, device) else None
     model = model.to(device, memory_format=memory_format).train()
     return model, copy.deepcopy(model).eval()
@@ -101,7 +108,9 @@ def evaluate_checkpoint(
     _, eval_model = _models(recipe, len(dataset.classes), torch_device)
     _check_compatible(payload["state"], eval_model)
     state = TrainState.from_dict(payload["state"], torch_device)
-    evaluate = build_evaluate(eval_model, _autocast_dtype(recipe, torch_device))
+    evaluate = build_evaluate(
+        eval_model, _autocast_dtype(recipe, torch_device), tta_flip=recipe.tta_flip
+    )
     return evaluate(state, _device_data(recipe, dataset, torch_device).test_batches())
 
 
@@ -129,7 +138,7 @@ def _check_compatible(saved: dict[str, Any], model: nn.Module) -> None:
             )
 
 
-def _compose(
+def compose_pieces(
     manager: pluggy.PluginManager,
     build: BuildContext,
     model: nn.Module,
@@ -285,15 +294,17 @@ def train_seeds(
     )
     # Build hooks contribute pure pieces that do not depend on the seed: the first seed's
     # plugins build the step for all.
-    pieces = _compose(lanes[0].manager, build, shape_model, autocast_dtype)
+    pieces = compose_pieces(lanes[0].manager, build, shape_model, autocast_dtype)
     if together:
         _check_vmappable(shape_model)
-        step_all = build_lane_step(pieces, compile=recipe.compile)
-        evaluate_all = build_lane_evaluate(shape_eval_model, autocast_dtype, recipe.compile)
+        step_all = build_lane_step(pieces, recipe.compile, recipe.compile_mode)
+        evaluate_all = build_lane_evaluate(
+            shape_eval_model, autocast_dtype, recipe.compile, recipe.tta_flip
+        )
     else:
-        step_all = _as_lane_step(build_step(pieces, compile=recipe.compile))
+        step_all = _as_lane_step(build_step(pieces, recipe.compile, recipe.compile_mode))
         evaluate_all = _as_lane_evaluate(
-            build_evaluate(shape_eval_model, autocast_dtype, compile=recipe.compile)
+            build_evaluate(shape_eval_model, autocast_dtype, recipe.compile, recipe.tta_flip)
         )
     first = lanes[0].state
     torch.set_rng_state(first.rng["torch"])
@@ -370,7 +381,14 @@ def _fit(
             state.replace(epoch=epoch + 1, rng={"data": generator.get_state(), **global_rng})
             for state, generator in zip(states, generators, strict=True)
         ]
-        evaluations = evaluate_all(states, data.test_batches())
+        evaluated = [
+            state.replace(
+                params=lane.manager.hook.hooktrain_eval_params(run=lane.run, state=state)
+                or state.params
+            )
+            for lane, state in zip(lanes, states, strict=True)
+        ]
+        evaluations = evaluate_all(evaluated, data.test_batches())
         seconds = time.perf_counter() - started
         reports = []
         for lane, state, evaluation, loss_sum in zip(

@@ -19,7 +19,9 @@ BUILTIN_PLUGINS = {
     "onecycle": "hooktrain.plugins.onecycle:OneCycle",
     "weight_decay": "hooktrain.plugins.weight_decay:WeightDecay",
     "grad_clip": "hooktrain.plugins.grad_clip:GradClip",
+    "label_smoothing": "hooktrain.plugins.label_smoothing:LabelSmoothing",
     "checkpoint": "hooktrain.plugins.checkpoint:Checkpoint",
+    "ema": "hooktrain.plugins.ema:EMA",
     "metrics": "hooktrain.plugins.metrics:Metrics",
 }
 

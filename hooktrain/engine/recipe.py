@@ -23,7 +23,10 @@ from hooktrain.engine.plugin import Plugin, class_path, import_object, make_plug
 from hooktrain.errors import HooktrainError
 
 RECIPE_GROUP = "hooktrain.recipes"
-BUILTIN_RECIPES = {"resnet9_cifar10": "hooktrain.recipes.resnet9_cifar10:recipe"}
+BUILTIN_RECIPES = {
+    "resnet9_cifar10": "hooktrain.recipes.resnet9_cifar10:recipe",
+    "resnet9_fast": "hooktrain.recipes.resnet9_fast:recipe",
+}
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -47,6 +50,9 @@ class Recipe:
     model: str = "resnet9"
     width: int = attrs.field(default=64, validator=_positive)
     dropout: float = 0.0
+    conv_bias: bool = True
+    logit_scale: float = attrs.field(default=1.0, validator=_positive)
+    tta_flip: bool = False
     epochs: int = attrs.field(default=8, validator=_positive)
     batch_size: int = attrs.field(default=400, validator=_positive)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -65,6 +71,9 @@ class Recipe:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     compile: bool = False
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = "default"
     seed: int = 0
     plugins: tuple[Plugin, ...] = ()
 

@@ -1,0 +1,67 @@
+"""An exponential moving average of the weights, evaluated in place of the weights themselves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+from hooktrain.engine.hookspecs import hookimpl
+from hooktrain.engine.plugin import Plugin
+from hooktrain.engine.state import TrainState
+from hooktrain.errors import HooktrainError
+
+
+@attrs.define
+class EMA(Plugin):
+    """Evaluate an exponential moving average of the weights (updated every ``every`` steps).
+
+    ``average = decay * average + (1 - decay) * params``, on the device, without a host sync;
+    the average starts at the first weights and is kept in checkpoints. BatchNorm statistics
+    are the training state's.
+    """
+
+    default_name = "ema"
+    decay: float = attrs.field(default=0.99)
+    every: int = attrs.field(default=5)
+    _average: dict[str, torch.Tensor] | None = attrs.field(default=None, init=False)
+
+    @decay.validator
+    def _decay_in_range(self, attribute: attrs.Attribute, value: float) -> None:
+        if not 0 <= value < 1:
+            raise HooktrainError(f"ema.decay must be at least 0 and below 1, not {value!r}.")
+
+    @every.validator
+    def _every_positive(self, attribute: attrs.Attribute, value: int) -> None:
+        if value < 1:
+            raise HooktrainError(f"ema.every must be at least 1, not {value!r}.")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._average is None else {"average": self._average}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._average = state.get("average")
+
+    @hookimpl
+    def hooktrain_fit_start(self, state: TrainState) -> None:
+        if self._average is None:
+            self._average = {name: p.detach().clone() for name, p in state.params.items()}
+        else:  # resumed: the checkpoint's tensors come back on the CPU
+            self._average = {
+                name: self._average[name].to(p.device) for name, p in state.params.items()
+            }
+
+    @hookimpl
+    def hooktrain_step_end(self, state: TrainState) -> None:
+        if state.step % self.every == 0 and self._average is not None:
+            names = list(self._average)
+            torch._foreach_lerp_(
+                [self._average[n] for n in names],
+                [state.params[n] for n in names],
+                1 - self.decay,
+            )
+
+    @hookimpl
+    def hooktrain_eval_params(self) -> dict[str, torch.Tensor] | None:
+        return self._average
