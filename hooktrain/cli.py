@@ -12,11 +12,15 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from hooktrain.errors import HooktrainError
+
+if TYPE_CHECKING:  # the commands import the engine when they run, not at --help
+    from hooktrain.engine.ablation import Ablation
+    from hooktrain.engine.recipe import Recipe
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
@@ -225,7 +229,7 @@ def ablate(
         ) from None
 
 
-def _newest_ablation(recipe: Any, ablation: Any) -> Path:
+def _newest_ablation(recipe: Recipe, ablation: Ablation) -> Path:
     from hooktrain.engine.ablation import holds_ablation
 
     folders = sorted(Path("runs").glob(f"ablate-{recipe.name}-*"), reverse=True)

@@ -111,13 +111,16 @@ def test_ema_is_what_is_evaluated_and_resumes_exactly(tiny_cifar: Path, tmp_path
         assert torch.equal(tensor, split["plugins"]["ema"]["average"][name]), name
     assert not torch.equal(average["0.0.weight"], final["state"]["params"]["0.0.weight"])
 
-    # The report's accuracy is the average's, not the raw weights'.
-    raw = evaluate_checkpoint(final, tiny_cifar, "cpu")
-    with_average = copy.deepcopy(final)
+    # The report's accuracy is the average's, not the raw weights'; `hooktrain eval` agrees.
+    without_ema = copy.deepcopy(final)
+    without_ema["config"]["plugins"] = [p for p in final["config"]["plugins"] if p["name"] != "ema"]
+    raw = evaluate_checkpoint(without_ema, tiny_cifar, "cpu")
+    with_average = copy.deepcopy(without_ema)
     with_average["state"]["params"] = average
     averaged = evaluate_checkpoint(with_average, tiny_cifar, "cpu")
     assert straight.test_loss == pytest.approx(averaged.loss, rel=1e-6)
     assert straight.test_loss != pytest.approx(raw.loss, rel=1e-6)
+    assert evaluate_checkpoint(final, tiny_cifar, "cpu") == averaged
 
 
 def test_fast_recipe_trains_through_the_cli(tiny_cifar: Path, tmp_path: Path) -> None:

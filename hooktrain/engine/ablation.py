@@ -174,7 +174,7 @@ class Ablation:
 
     def cells(self, recipe: Recipe) -> list[Cell]:
         """The cells to train, baseline first; every one checked against ``recipe``."""
-        toggles = {f.key for f in self.vary if _is_toggle(f, recipe)}
+        toggles = self.toggles(recipe)
         baseline = tuple((f.key, f.values[0]) for f in self.vary)
         if self.mode == "grid":
             combinations = [
@@ -207,6 +207,10 @@ class Ablation:
                 )
             seen[config] = cell
         return cells
+
+    def toggles(self, recipe: Recipe) -> set[str]:
+        """The keys that switch a plugin on and off (the others set values)."""
+        return {f.key for f in self.vary if _is_toggle(f, recipe)}
 
     def check_fixed(self, fixed_keys: Collection[str]) -> None:
         """Refuse keys (of --set, --with, --without) that a factor also varies."""
@@ -464,7 +468,7 @@ def run_ablation(
     from hooktrain.engine.loop import resolve_device, train_seeds
 
     cells = ablation.cells(recipe)
-    toggles = {f.key for f in ablation.vary if _is_toggle(f, recipe)}
+    toggles = ablation.toggles(recipe)
     spec = ablation.spec(recipe)
     path = out_dir / ABLATION_FILE
     if path.exists():

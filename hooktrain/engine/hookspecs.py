@@ -149,7 +149,8 @@ def hooktrain_eval_params(run: RunContext, state: TrainState) -> dict[str, torch
 
     *First answer wins* (None passes). The ``ema`` plugin answers with its moving average of the
     weights; the model's buffers (BatchNorm statistics) stay the state's. Training continues
-    from ``state``, whatever is evaluated.
+    from ``state``, whatever is evaluated. ``hooktrain eval`` asks it too, of plugins restored
+    from the checkpoint, with ``run`` None.
     """
 
 

@@ -101,13 +101,24 @@ def _models(recipe: Recipe, num_classes: int, device: torch.device) -> tuple[nn.
 def evaluate_checkpoint(
     payload: dict[str, Any], data_dir: Path | None, device: str = "auto"
 ) -> Evaluation:
-    """Test loss and accuracy of a loaded checkpoint, on the test split of its data."""
+    """Test loss and accuracy of a loaded checkpoint, on the test split of its data.
+
+    The weights evaluated are those the run evaluated: a plugin answering
+    ``hooktrain_eval_params`` (``ema``) gets its saved state back and chooses them, with
+    ``run=None``.
+    """
     recipe = recipe_from_config(payload["config"])
     torch_device = resolve_device(device)
     dataset = load_cifar10(data_dir)
     _, eval_model = _models(recipe, len(dataset.classes), torch_device)
     _check_compatible(payload["state"], eval_model)
     state = TrainState.from_dict(payload["state"], torch_device)
+    for plugin in recipe.plugins:
+        plugin.load_state_dict(payload["plugins"].get(plugin.name, {}))
+    hook = make_plugin_manager(recipe.plugins).hook
+    chosen = hook.hooktrain_eval_params(run=None, state=state)
+    if chosen is not None:
+        state = state.replace(params={name: t.to(torch_device) for name, t in chosen.items()})
     evaluate = build_evaluate(
         eval_model, _autocast_dtype(recipe, torch_device), tta_flip=recipe.tta_flip
     )
