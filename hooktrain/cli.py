@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from hooktrain.errors import HooktrainError
+from hooktrain.engine.files import CONFIG_FILE
+from hooktrain.errors import HooktrainError, TrainingStopped
 
 if TYPE_CHECKING:  # the commands import the engine when they run, not at --help
     from hooktrain.engine.ablation import Ablation
@@ -26,9 +28,13 @@ DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
 
 class UserError(click.ClickException):
-    """A :class:`HooktrainError` on its way out: the message alone, exit code 2."""
+    """A :class:`HooktrainError` on its way out: the message alone and the error's exit code
+    (2 for something to fix, 3 for a diverged run, 128 + N for a run stopped by signal N)."""
 
-    exit_code = 2
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        # One line whatever the user typed: a path or key with a line break stays on it.
+        super().__init__(" ".join(message.splitlines()))
+        self.exit_code = exit_code
 
 
 class _Commands(click.Group):
@@ -36,7 +42,14 @@ class _Commands(click.Group):
         try:
             return super().invoke(ctx)
         except HooktrainError as error:
-            raise UserError(str(error)) from error
+            raise UserError(str(error), error.exit_code) from error
+        except click.UsageError as error:
+            # One sentence, as for every other mistake, instead of click's usage block.
+            # Named as typed at a shell, whatever the program was called (python -m, tests).
+            subcommand = error.ctx.command_path.partition(" ")[2] if error.ctx else ""
+            where = f"hooktrain {subcommand}".strip()
+            message = error.format_message().rstrip(".?")
+            raise UserError(f"{message}; see `{where} --help`.") from error
 
 
 def _data_dir_option(function: Any) -> Any:
@@ -89,6 +102,11 @@ def main() -> None:
     help="Run folder (default: runs/RECIPE-TIMESTAMP).",
 )
 @click.option("--seed", type=int, help="Seed for initialisation, data order and augmentation.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the run already in --out (its checkpoints, logs and metrics are deleted).",
+)
 @_device_option
 def run(
     recipe_name: str,
@@ -98,6 +116,7 @@ def run(
     data_dir: Path | None,
     out: Path | None,
     seed: int | None,
+    overwrite: bool,
     device: str,
 ) -> None:
     """Train RECIPE (a name from `hooktrain list` or a .py file that assigns `recipe`)."""
@@ -108,35 +127,77 @@ def run(
         assignments = (*assignments, f"seed={seed}")
     recipe = apply_overrides(load_recipe(recipe_name), assignments, with_plugins, without_plugins)
     out = out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and any(out.iterdir()):
+    created = _claim_run_folder(out, overwrite)
+    try:
+        with _interruptible(out):
+            train(recipe, out_dir=out, data_dir=data_dir, device=device, echo=click.echo)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no trace
+        raise
+
+
+def _claim_run_folder(out: Path, overwrite: bool) -> bool:
+    """Make sure a new run writes into an empty folder, emptying a run folder if asked.
+
+    Returns whether the folder was made here.
+    """
+    from hooktrain.engine.checkpoints import holds_only_stale_temp_files, remove_stale_temp_files
+
+    if out.exists() and not out.is_dir():
+        raise HooktrainError(f"--out {out} is a file, not a folder; pass a folder for the run.")
+    if not out.exists():
+        try:
+            out.mkdir(parents=True)
+        except OSError as error:
+            raise HooktrainError(
+                f"Cannot make the run folder {out} ({error.strerror or error}); pass another --out."
+            ) from error
+        return True
+    if holds_only_stale_temp_files(out):  # a run killed while writing its first file
+        remove_stale_temp_files(out)
+        return False
+    if not overwrite:
         raise HooktrainError(
-            f"The run folder {out} is not empty; pass another --out, or continue that run "
-            f"with `hooktrain resume {out}`."
+            f"The run folder {out} is not empty; pass another --out, continue that run with "
+            f"`hooktrain resume {out}`, or replace it with --overwrite."
         )
-    with _interruptible(out):
-        train(recipe, out_dir=out, data_dir=data_dir, device=device, echo=click.echo)
+    if not (out / CONFIG_FILE).is_file():
+        # Never delete a folder hooktrain did not make (a typo in --out could name $HOME).
+        raise HooktrainError(
+            f"{out} holds files but no hooktrain run ({CONFIG_FILE} is missing), so --overwrite "
+            "leaves it alone; pass another --out."
+        )
+    shutil.rmtree(out)
+    out.mkdir()
+    return True
 
 
 class Interrupted(click.ClickException):
-    """Ctrl-C during training: say how to continue; 130 is the shell's code for SIGINT."""
+    """A run stopped by a signal: say how to continue; 128 + N is the shell's code for signal N."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @contextlib.contextmanager
 def _interruptible(run_dir: Path) -> Iterator[None]:
     from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
 
+    saved = any((run_dir / CHECKPOINT_FOLDER).glob("*.pt"))
     try:
         yield
-    except KeyboardInterrupt:
-        if any((run_dir / CHECKPOINT_FOLDER).glob("*.pt")):
-            advice = f"continue from the last saved epoch with `hooktrain resume {run_dir}`"
+    except (KeyboardInterrupt, TrainingStopped) as error:
+        what = str(error) if isinstance(error, TrainingStopped) else "Interrupted"
+        code = error.exit_code if isinstance(error, TrainingStopped) else 130
+        if saved or any((run_dir / CHECKPOINT_FOLDER).glob("*.pt")):
+            advice = f"continue from the last checkpoint with `hooktrain resume {run_dir}`"
         else:
             advice = (
-                f"no epoch had finished, so nothing was saved: delete {run_dir} and start again"
+                f"nothing was saved, so `hooktrain resume {run_dir}` starts it from the beginning"
             )
-        raise Interrupted(f"Interrupted; {advice}.") from None
+        raise Interrupted(f"{what}; {advice}.", code) from None
 
 
 @main.command()
@@ -222,10 +283,12 @@ def ablate(
         run_ablation(
             recipe, ablation, out_dir=out, data_dir=data_dir, device=device, echo=click.echo
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainingStopped) as error:
+        what = str(error) if isinstance(error, TrainingStopped) else "Interrupted"
         raise Interrupted(
-            f"Interrupted; the finished runs are kept in {out / ABLATION_FILE}: run the same "
-            f"command with --out {out} (or --resume) to do the rest."
+            f"{what}; the finished runs are kept in {out / ABLATION_FILE}: run the same "
+            f"command with --out {out} (or --resume) to do the rest.",
+            error.exit_code if isinstance(error, TrainingStopped) else 130,
         ) from None
 
 
@@ -260,23 +323,9 @@ def list_() -> None:
         click.echo(f"  {name:<20} {first_line(cls)}")
 
 
-def _newest_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The run's checkpoint with the most steps, loaded (each file is read once)."""
-    from hooktrain.engine.checkpoints import load_checkpoint
-    from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST
-
-    candidates = [run_dir / CHECKPOINT_FOLDER / n for n in (LAST, BEST)]
-    loaded = [(path, load_checkpoint(path)) for path in candidates if path.is_file()]
-    if not loaded:
-        raise HooktrainError(
-            f"{run_dir} has no checkpoints/{LAST}; pass the folder of a run that saved one."
-        )
-    return max(loaded, key=lambda entry: entry[1]["state"]["step"])
-
-
-def _data_dir_of(payload: dict[str, Any], given: Path | None) -> Path | None:
-    """``--data-dir`` if given, else the folder the checkpoint's run trained on."""
-    saved = payload["config"]["run"]["data_dir"]
+def _data_dir_of(config: dict[str, Any], given: Path | None) -> Path | None:
+    """``--data-dir`` if given, else the folder the run trained on."""
+    saved = config["run"]["data_dir"]
     return given or (Path(saved) if saved else None)
 
 
@@ -285,29 +334,65 @@ def _data_dir_of(payload: dict[str, Any], given: Path | None) -> Path | None:
 @_data_dir_option
 @click.option("--device", type=DEVICES, help="Where to train (default: as the run was started).")
 def resume(run_dir: Path, data_dir: Path | None, device: str | None) -> None:
-    """Continue the run in RUN_DIR from its newest checkpoint."""
-    from hooktrain.engine.loop import CONFIG_FILE, train
-    from hooktrain.engine.recipe import recipe_from_config
+    """Continue the run in RUN_DIR from its newest usable checkpoint.
 
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise HooktrainError(f"{run_dir} is not a hooktrain run folder (no {CONFIG_FILE}).")
-    config = json.loads(config_path.read_text())
-    path, payload = _newest_checkpoint(run_dir)
-    if payload["recipe"] != config["recipe"]["name"]:
-        raise HooktrainError(
-            f"{path} was written by the recipe {payload['recipe']!r}, but {run_dir} is a run "
-            f"of {config['recipe']['name']!r}; move the checkpoint back to its own run folder."
-        )
+    A damaged checkpoint is passed over for the newest good one (previous.pt, best.pt); a run
+    killed before its first checkpoint starts again from the beginning.
+    """
+    config = _read_config(run_dir / CONFIG_FILE)  # before importing torch: a typo says so fast
+
+    from hooktrain.engine.checkpoints import newest_usable_checkpoint
+    from hooktrain.engine.loop import train
+    from hooktrain.engine.recipe import recipe_from_config
+    from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
+
+    def belongs(payload: dict[str, Any]) -> str | None:
+        saved = payload["config"]
+        if payload["recipe"] != config["recipe"].get("name"):
+            return f"it was written by the recipe {payload['recipe']!r}, not this run's"
+        if (saved.get("recipe"), saved.get("plugins")) != (config["recipe"], config["plugins"]):
+            return "it was written by a run with other settings"
+        return None
+
+    found = newest_usable_checkpoint(run_dir / CHECKPOINT_FOLDER, belongs, click.echo)
+    if found is None:
+        click.echo(f"{run_dir} has no checkpoint yet: starting the run from its beginning")
+        payload = None
+        saved_config = config
+    else:
+        payload = found[1]
+        saved_config = payload["config"]
     with _interruptible(run_dir):
         train(
-            recipe_from_config(payload["config"]),
+            recipe_from_config(saved_config),
             out_dir=run_dir,
-            data_dir=_data_dir_of(payload, data_dir),
-            device=device or payload["config"]["run"]["device"],
+            data_dir=_data_dir_of(saved_config, data_dir),
+            device=device or saved_config["run"]["device"],
             resume=payload,
             echo=click.echo,
         )
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A run folder's config.json, or a sentence saying why it is not usable."""
+    if not path.is_file():
+        raise HooktrainError(
+            f"{path.parent} is not a hooktrain run folder (no {path.name}); pass the folder "
+            "`hooktrain run --out` wrote."
+        )
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict) or not all(
+            isinstance(config.get(key), kind)
+            for key, kind in (("recipe", dict), ("plugins", list), ("run", dict))
+        ):
+            raise ValueError("the recipe, plugins or run section is missing")
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise HooktrainError(
+            f"{path} is damaged ({type(error).__name__}: {error}); restore it from a copy, or "
+            "start the run again with `hooktrain run ... --overwrite`."
+        ) from error
+    return config
 
 
 @main.command(name="eval")
@@ -320,7 +405,7 @@ def eval_(checkpoint: Path, data_dir: Path | None, device: str) -> None:
     from hooktrain.engine.loop import evaluate_checkpoint
 
     payload = load_checkpoint(checkpoint)
-    result = evaluate_checkpoint(payload, _data_dir_of(payload, data_dir), device)
+    result = evaluate_checkpoint(payload, _data_dir_of(payload["config"], data_dir), device)
     click.echo(
         f"{checkpoint}: test accuracy {result.accuracy:.2%}, test loss {result.loss:.4f} "
         f"({payload['recipe']}, epoch {payload['state']['epoch']})"

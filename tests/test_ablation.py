@@ -314,7 +314,13 @@ def test_cell_recipe_switches_plugins_and_applies_settings(flagship: Recipe) -> 
 
     name = "grad_clip=on,grad_clip.max=0.2,weight_decay=off,max_lr=0.004"
     recipe = cell_recipe(without_clip, cells[name], toggles)
-    assert [p.name for p in recipe.plugins] == ["onecycle", "metrics", "checkpoint", "grad_clip"]
+    assert [p.name for p in recipe.plugins] == [
+        "nan_guard",
+        "onecycle",
+        "metrics",
+        "checkpoint",
+        "grad_clip",
+    ]
     clip = recipe.plugin("grad_clip")
     assert isinstance(clip, GradClip)
     assert (clip.max, clip.mode) == (0.2, "value")

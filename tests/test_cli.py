@@ -48,7 +48,7 @@ from hooktrain.plugins.grad_clip import GradClip
 from hooktrain.plugins.metrics import METRICS_FILE
 
 FLAGSHIP = "resnet9_cifar10"
-PLUGIN_ORDER = "onecycle -> weight_decay -> grad_clip -> metrics -> checkpoint"
+PLUGIN_ORDER = "nan_guard -> onecycle -> weight_decay -> grad_clip -> metrics -> checkpoint"
 TINY = [
     "--set",
     "width=4",
@@ -213,7 +213,7 @@ def test_without_removes_a_plugin(flagship: Recipe) -> None:
     recipe = apply_overrides(flagship, without_plugins=["grad_clip"])
     assert recipe.plugin("grad_clip") is None
     names = [p.name for p in recipe.plugins]
-    assert names == ["onecycle", "weight_decay", "metrics", "checkpoint"]
+    assert names == ["nan_guard", "onecycle", "weight_decay", "metrics", "checkpoint"]
 
 
 def test_set_on_a_removed_plugin_errors(flagship: Recipe) -> None:
@@ -316,6 +316,7 @@ def test_config_round_trip_through_json() -> None:
     assert decay is not None
     assert decay.include == ("*.weight", "*.bias")
     assert [p.name for p in rebuilt.plugins] == [
+        "nan_guard",
         "weight_decay",
         "grad_clip",
         "metrics",
@@ -441,6 +442,7 @@ def test_list_shows_recipes_and_plugins() -> None:
         "grad_clip",
         "label_smoothing",
         "ema",
+        "nan_guard",
         "checkpoint",
         "metrics",
     }
@@ -615,11 +617,21 @@ def test_resume_without_config(tmp_path: Path) -> None:
     assert_user_error(invoke("resume", folder), "is not a hooktrain run folder", "config.json")
 
 
-def test_resume_without_checkpoints(finished_run: FinishedRun, tmp_path: Path) -> None:
+def test_resume_before_the_first_checkpoint_starts_over(
+    finished_run: FinishedRun, tmp_path: Path
+) -> None:
+    """A run killed before it saved anything: resume trains it from step 0, to the same end."""
     folder = tmp_path / "config_only"
     folder.mkdir()
     shutil.copy(finished_run.folder / CONFIG_FILE, folder / CONFIG_FILE)
-    assert_user_error(invoke("resume", folder), "has no checkpoints/last.pt")
+    result = invoke("resume", folder)
+    assert result.exit_code == 0, result.output
+    assert "has no checkpoint yet: starting the run from its beginning" in result.output
+    resumed = load_checkpoint(folder / CHECKPOINT_FOLDER / LAST)["state"]
+    original = load_checkpoint(finished_run.folder / CHECKPOINT_FOLDER / LAST)["state"]
+    assert resumed["step"] == original["step"]
+    for name, tensor in original["params"].items():
+        assert torch.equal(resumed["params"][name], tensor), name
 
 
 def test_resume_with_checkpoint_of_another_recipe(
@@ -628,12 +640,14 @@ def test_resume_with_checkpoint_of_another_recipe(
     folder = copy_run(finished_run, tmp_path)
     for name in (LAST, BEST):
         path = folder / CHECKPOINT_FOLDER / name
-        payload = torch.load(path, weights_only=True)
+        payload = load_checkpoint(path)
         payload["recipe"] = "other_recipe"
-        torch.save(payload, path)
+        save_checkpoint(payload, path)
     result = invoke("resume", folder, "--device", "cpu")
     # Not "already finished": the mismatch is caught before training starts.
-    assert_user_error(result, "written by the recipe 'other_recipe'", f"'{FLAGSHIP}'")
+    assert_user_error(
+        result, "No checkpoint in", "written by the recipe 'other_recipe', not this run's"
+    )
 
 
 def _truncated(data: bytes) -> bytes:
@@ -654,7 +668,7 @@ def test_eval_of_corrupt_checkpoint(finished_run: FinishedRun, tmp_path: Path, d
     path = tmp_path / "broken.pt"
     path.write_bytes(damage(original))
     result = invoke("eval", path, "--device", "cpu")
-    assert_user_error(result, f"{path} cannot be read", "corrupt")
+    assert_user_error(result, f"{path} cannot be used", "corrupt")
 
 
 @pytest.mark.parametrize(
@@ -663,7 +677,7 @@ def test_eval_of_corrupt_checkpoint(finished_run: FinishedRun, tmp_path: Path, d
 def test_eval_of_malformed_pickle(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "broken.pt"
     path.write_bytes(data)
-    assert_user_error(invoke("eval", path, "--device", "cpu"), "cannot be read")
+    assert_user_error(invoke("eval", path, "--device", "cpu"), "cannot be used")
 
 
 @pytest.mark.parametrize("content", [{"weights": torch.zeros(2)}, [1, 2, 3]])
@@ -684,7 +698,7 @@ def test_eval_of_other_version(finished_run: FinishedRun, tmp_path: Path) -> Non
     torch.save(payload, path)
     result = invoke("eval", path, "--device", "cpu")
     assert_user_error(
-        result, f"checkpoint format version {VERSION + 1}", f"reads version {VERSION}"
+        result, f"checkpoint format version {VERSION + 1}", f"reads versions up to {VERSION}"
     )
 
 
@@ -805,8 +819,8 @@ recipe = attrs.evolve(base, name="interrupted", plugins=(*base.plugins, PressCtr
 @pytest.mark.parametrize(
     ("at_epoch", "advice"),
     [
-        (1, "continue from the last saved epoch with `hooktrain resume"),
-        (0, "no epoch had finished, so nothing was saved: delete"),
+        (1, "continue from the last checkpoint with `hooktrain resume"),
+        (0, "nothing was saved, so `hooktrain resume"),
     ],
 )
 def test_ctrl_c_says_how_to_continue(

@@ -194,14 +194,37 @@ def test_one_seed_of_a_group_resumes_on_its_own(tiny_cifar: Path, tmp_path: Path
     assert summary["config"]["recipe"]["seed"] == 1
 
 
-def test_seeds_resumed_together_must_share_their_epoch(tiny_cifar: Path, tmp_path: Path) -> None:
+def test_seeds_resumed_together_must_share_their_step(tiny_cifar: Path, tmp_path: Path) -> None:
     dirs = [tmp_path / "a", tmp_path / "b"]
     options = {"data_dir": tiny_cifar, "device": "cpu", "echo": lambda _: None}
     train(flagship("epochs=3", "seed=0"), out_dir=dirs[0], stop_after_epoch=1, **options)
     train(flagship("epochs=3", "seed=1"), out_dir=dirs[1], stop_after_epoch=2, **options)
     payloads = [load_checkpoint(d / "checkpoints" / "last.pt") for d in dirs]
-    with pytest.raises(HooktrainError, match="same epoch"):
+    with pytest.raises(HooktrainError, match="same step"):
         train_seeds(flagship("epochs=3"), [0, 1], out_dirs=dirs, resume=payloads, **options)
+
+
+@pytest.mark.parametrize(
+    ("setting", "advice"),
+    [
+        ("precision=bf16", r"bfloat16 autocast .* --set precision=fp32"),
+        ("memory_format=channels_last", r"channels_last, .* set memory_format=auto"),
+    ],
+)
+def test_what_vmap_cannot_take_is_refused_for_seeds_together(
+    tiny_cifar: Path, tmp_path: Path, setting: str, advice: str
+) -> None:
+    """Under vmap, bf16 autocast mixes dtypes (CUDA and CPU) and channels_last BatchNorm fails
+    (CUDA); a run asking for either is refused in words before training."""
+    with pytest.raises(HooktrainError, match=advice):
+        train_seeds(
+            flagship(setting),
+            [0, 1],
+            out_dirs=[tmp_path / "a", tmp_path / "b"],
+            data_dir=tiny_cifar,
+            device="cpu",
+            echo=lambda _: None,
+        )
 
 
 def test_torch_dropout_is_refused_for_seeds_together(

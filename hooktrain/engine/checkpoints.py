@@ -1,22 +1,44 @@
-"""Checkpoint files: written atomically, read without running any pickled code."""
+"""Checkpoint files: written atomically, checksummed, read without running any pickled code.
+
+A checkpoint is an ordinary ``torch.save`` zip archive (``torch.load`` reads it), whose zip
+comment holds the SHA-256 of the archive's bytes. A file that was truncated or damaged on disk
+fails that check before anything in it is unpickled.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from hooktrain.errors import HooktrainError
 
 FORMAT = "hooktrain-checkpoint"
-VERSION = 1
+VERSION = 2
+# Version 1 files (no checksum) are still read: runs started before checksums can resume.
+READABLE_VERSIONS = (1, 2)
 PAYLOAD_KEYS = ("recipe", "config", "state", "plugins")
 STATE_KEYS = ("step", "epoch", "params", "buffers", "opt_state", "rng")
+CHECKSUM_PREFIX = b"hooktrain-sha256:"
+_COMMENT_LENGTH = len(CHECKSUM_PREFIX) + 64
+_CHUNK = 1 << 20
+
+
+class CheckpointUnusable(HooktrainError):
+    """A checkpoint file that cannot be used; ``reason`` says why in a few words."""
+
+    def __init__(self, path: Path, reason: str, advice: str = "use another checkpoint") -> None:
+        super().__init__(f"{path} cannot be used: {reason}; {advice}.")
+        self.path = path
+        self.reason = reason
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -43,6 +65,23 @@ def atomic_write(path: Path, write: Any) -> None:
     _fsync_folder(path.parent)
 
 
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete what :func:`atomic_write` and :func:`copy_checkpoint` leave when killed mid-write.
+
+    Only one process writes a run folder, so at its start every such file is stale.
+    """
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def holds_only_stale_temp_files(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but files a killed write left behind."""
+    return all(
+        entry.is_file() and entry.name.startswith(".") and entry.name.endswith(".tmp")
+        for entry in folder.iterdir()
+    )
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make a rename inside ``folder`` survive a power loss."""
     handle = os.open(folder, os.O_RDONLY)
@@ -58,6 +97,8 @@ def copy_checkpoint(source: Path, target: Path) -> None:
     A hard link shares the finished file; a later atomic write of ``source`` replaces its name
     only, so ``target`` keeps this content. Where links are not supported, the file is copied.
     """
+    if target.exists() and os.path.samefile(source, target):
+        return  # renaming a link onto the same file would do nothing and leave the temp name
     temp = target.with_name(f".{target.name}.link.tmp")
     temp.unlink(missing_ok=True)
     try:
@@ -70,15 +111,84 @@ def copy_checkpoint(source: Path, target: Path) -> None:
     _fsync_folder(target.parent)
 
 
+class _HashingWriter:
+    """A write-only file that hashes what passes through it (``torch.save`` writes in order)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_checksummed(payload: dict[str, Any], file: BinaryIO) -> None:
+    """``torch.save`` into ``file``, then put the archive's SHA-256 in its zip comment.
+
+    torch writes no zip comment, so the archive ends with a comment length of 0: that field
+    becomes the checksum's length and the checksum follows it, which keeps a valid zip.
+    """
+    writer = _HashingWriter(file)
+    torch.save(payload, writer)  # type: ignore[arg-type]  # a file-like object is enough
+    file.seek(-2, os.SEEK_END)
+    file.write(struct.pack("<H", _COMMENT_LENGTH))
+    file.write(CHECKSUM_PREFIX + writer.digest.hexdigest().encode())
+
+
+def _checksum_verdict(path: Path) -> str | None:
+    """Why the file's bytes are not what was written, or None when they are.
+
+    Files without a checksum comment pass here; their payload version decides later.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        if size < _COMMENT_LENGTH + 22:
+            return None
+        file.seek(size - _COMMENT_LENGTH - 2)
+        length, comment = struct.unpack("<H", file.read(2))[0], file.read()
+        if length != _COMMENT_LENGTH or not comment.startswith(CHECKSUM_PREFIX):
+            return None
+        file.seek(0)
+        digest = hashlib.sha256()
+        remaining = size - _COMMENT_LENGTH - 2
+        while remaining:
+            chunk = file.read(min(_CHUNK, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+        digest.update(b"\x00\x00")  # the comment length as torch wrote it
+    if digest.hexdigest().encode() != comment[len(CHECKSUM_PREFIX) :]:
+        return "its checksum does not match its contents (the file was damaged or cut short)"
+    return None
+
+
+def _has_checksum(path: Path) -> bool:
+    with path.open("rb") as file:
+        file.seek(max(path.stat().st_size - _COMMENT_LENGTH, 0))
+        return file.read().startswith(CHECKSUM_PREFIX)
+
+
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """Write a checkpoint payload (see ``RunContext.checkpoint_payload``) atomically."""
-    atomic_write(path, lambda file: torch.save(payload, file))
+    atomic_write(path, lambda file: _write_checksummed(payload, file))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU with ``weights_only=True``, checking it is one of ours."""
+    """Read a checkpoint on the CPU, checking its checksum, format and version first.
+
+    Loading uses ``weights_only=True``: a file that asks to import anything beyond tensors and
+    plain containers is refused, so no code in it can run.
+    """
     if not path.is_file():
         raise HooktrainError(f"There is no checkpoint at {path}; check the path.")
+    damage = _checksum_verdict(path)
+    if damage is not None:
+        raise CheckpointUnusable(path, damage)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file fails in many ways; every one means "unusable"
@@ -88,21 +198,63 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             if refused
             else f"it is corrupt, truncated or not a checkpoint ({type(error).__name__})"
         )
-        raise HooktrainError(
-            f"{path} cannot be read: {reason}; use another checkpoint of the run."
-        ) from error
+        raise CheckpointUnusable(path, reason) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise HooktrainError(f"{path} is not a hooktrain checkpoint; pass a file it wrote.")
-    if payload.get("version") != VERSION:
-        raise HooktrainError(
-            f"{path} has checkpoint format version {payload.get('version')}, this hooktrain "
-            f"reads version {VERSION}; use the hooktrain release that wrote it."
+        raise CheckpointUnusable(path, "it is not a hooktrain checkpoint", "pass a file it wrote")
+    version = payload.get("version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointUnusable(
+            path,
+            f"it has checkpoint format version {version} and this hooktrain reads versions up "
+            f"to {VERSION}",
+            "use the hooktrain release that wrote it",
+        )
+    if version >= 2 and not _has_checksum(path):
+        raise CheckpointUnusable(
+            path, f"it has lost the checksum every version {version} checkpoint carries"
         )
     missing = [key for key in PAYLOAD_KEYS if key not in payload]
     state_missing = [key for key in STATE_KEYS if key not in payload.get("state", {})]
     if missing or state_missing:
-        raise HooktrainError(
-            f"{path} is an incomplete checkpoint (missing {', '.join(missing + state_missing)}); "
-            "use another checkpoint of the run."
+        raise CheckpointUnusable(
+            path, f"it is incomplete (missing {', '.join(missing + state_missing)})"
         )
     return payload
+
+
+def newest_usable_checkpoint(
+    folder: Path,
+    belongs: Callable[[dict[str, Any]], str | None],
+    echo: Callable[[str], None],
+) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint in ``folder`` with the most steps among those that load and belong.
+
+    ``belongs(payload)`` says why a loaded checkpoint is not this run's, or None. Files passed
+    over are reported with ``echo``. None when the folder holds no checkpoint at all; an error
+    when it holds some and none is usable, so a run never silently starts over.
+    """
+    usable, refused = [], []
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            payload = load_checkpoint(path)
+            mismatch = belongs(payload)
+            if mismatch is not None:
+                raise CheckpointUnusable(path, mismatch)
+        except CheckpointUnusable as error:
+            refused.append(error)
+            continue
+        usable.append((path, payload))
+    if not usable and refused:
+        reasons = "; ".join(f"{error.path.name}: {error.reason}" for error in refused)
+        raise HooktrainError(
+            f"No checkpoint in {folder} can be resumed ({reasons}); start the run again with "
+            "`hooktrain run ... --overwrite`."
+        )
+    if not usable:
+        return None
+    newest = max(usable, key=lambda entry: entry[1]["state"]["step"])
+    for error in refused:
+        echo(f"warning: passed over {error.path}: {error.reason}")
+    if refused:
+        echo(f"resuming from {newest[0]} instead (step {newest[1]['state']['step']})")
+    return newest

@@ -145,8 +145,10 @@ def load_cifar10(data_dir: Path | None) -> ImageDataset:
         return _load_default()
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
+        # A mistyped path may hold a line break; quoted, the message stays one line.
+        shown = str(data_dir) if str(data_dir).isprintable() else repr(str(data_dir))
         raise HooktrainError(
-            f"Data folder {data_dir} does not exist; pass --data-dir pointing at a folder with "
+            f"Data folder {shown} does not exist; pass --data-dir pointing at a folder with "
             f"{_LAYOUT_HINT}."
         )
     loaded = _load_if_present(data_dir)
@@ -277,6 +279,7 @@ def _unpickle(path: Path) -> dict[Any, Any]:
         KeyError,
         UnicodeError,
         OverflowError,
+        MemoryError,  # a damaged length field asks for an absurd allocation
     ) as exc:
         raise _malformed(path, _short_reason(exc)) from exc
     if not isinstance(content, dict):
@@ -365,20 +368,28 @@ def _scan_images(folder: Path, relative: str) -> list[_ImageFile]:
     """Image files under `folder` (recursively), sorted, named relative to the data folder."""
     found: list[_ImageFile] = []
     pending = [(str(folder), relative)]
-    while pending:
-        current, prefix = pending.pop()
-        with os.scandir(current) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    pending.append((entry.path, f"{prefix}/{name}"))
-                elif name.lower().endswith(_IMAGE_EXTENSIONS):
-                    stat = entry.stat()
-                    found.append(
-                        _ImageFile(entry.path, f"{prefix}/{name}", stat.st_size, stat.st_mtime_ns)
-                    )
+    try:
+        while pending:
+            current, prefix = pending.pop()
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name.startswith("."):
+                        continue
+                    if entry.is_dir():
+                        pending.append((entry.path, f"{prefix}/{name}"))
+                    elif name.lower().endswith(_IMAGE_EXTENSIONS):
+                        stat = entry.stat()
+                        found.append(
+                            _ImageFile(
+                                entry.path, f"{prefix}/{name}", stat.st_size, stat.st_mtime_ns
+                            )
+                        )
+    except OSError as exc:  # a dangling link, a link loop, an unreadable folder
+        raise HooktrainError(
+            f"Cannot read {exc.filename or folder} ({exc.strerror or _short_reason(exc)}); "
+            "remove or replace it."
+        ) from exc
     found.sort(key=lambda f: f.relative)
     return found
 
@@ -571,6 +582,11 @@ def _check_pad(pad: int, pad_mode: str, size: int) -> None:
         raise HooktrainError(
             f"Reflect padding of {pad} pixels needs images larger than {pad} pixels, but they are "
             f"{size}; use a smaller pad or pad mode 'zeros'."
+        )
+    if pad >= size:
+        raise HooktrainError(
+            f"Padding of {pad} pixels lets a crop of the {size}-pixel images miss the image "
+            f"entirely; use a pad below {size}."
         )
 
 

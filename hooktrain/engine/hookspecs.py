@@ -26,9 +26,10 @@ change it. The engine's loop, with the events in the order they are emitted::
         for batch in epoch:
             state, metrics = step(state, batch)
             step_end(run, state, metrics)   # device tensors: do not sync every step
+            if stop asked (Ctrl-C, SIGTERM): fit_stop(run, state, reason); end the process
         report = evaluate(eval_params(run, state) or state.params)
         epoch_end(run, state, report)
-    fit_end(run, state, report)
+    fit_end(run, state, report)             # or fit_stop(run, state, reason) if stopped early
 
 Within one hook, plugins are called in the recipe's order (the order of ``recipe.plugins``);
 ``@hookimpl(tryfirst=True)`` / ``@hookimpl(trylast=True)`` move an implementation to the front
@@ -166,3 +167,14 @@ def hooktrain_epoch_end(run: RunContext, state: TrainState, report: EpochReport)
 @hookspec
 def hooktrain_fit_end(run: RunContext, state: TrainState, report: EpochReport) -> None:
     """Called once when training finishes, with the final epoch's report."""
+
+
+@hookspec
+def hooktrain_fit_stop(run: RunContext, state: TrainState, reason: str) -> None:
+    """Called instead of fit_end when this process stops before the run's last epoch.
+
+    ``reason`` says why (``"SIGINT"``, ``"SIGTERM"``, ``"stop_after_epoch"``). ``state`` may be
+    in the middle of an epoch; it is the state to resume from, so a plugin saves here what must
+    survive (``checkpoint`` writes ``last.pt``) and closes what it opened. A run that fails
+    (an exception, ``nan_guard`` stopping a diverged run) gets neither call.
+    """

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from torch import nn
 from hooktrain.engine import checkpoints
 from hooktrain.engine.context import BuildContext, EpochReport, RunContext
 from hooktrain.engine.data import DeviceData, ImageDataset, load_cifar10
+from hooktrain.engine.files import CONFIG_FILE
 from hooktrain.engine.optim import make_optimizer
 from hooktrain.engine.plugin import (
     call_order,
@@ -39,10 +43,8 @@ from hooktrain.engine.step import (
     build_step,
     constant_schedule,
 )
-from hooktrain.errors import HooktrainError
+from hooktrain.errors import HooktrainError, TrainingStopped
 from hooktrain.models import build_model
-
-CONFIG_FILE = "config.json"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -202,6 +204,29 @@ def train(
 
 
 @attrs.define
+class _EpochProgress:
+    """The current epoch's running figures, kept in checkpoints taken inside an epoch.
+
+    ``seconds_before`` is the epoch's wall time spent by earlier processes (a resumed run).
+    """
+
+    loss_sum: torch.Tensor
+    seconds_before: float = 0.0
+    started: float = attrs.field(factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def restart(self) -> None:
+        """Start a new epoch."""
+        self.loss_sum = torch.zeros_like(self.loss_sum)
+        self.seconds_before, self.started = 0.0, time.perf_counter()
+
+    def to_dict(self) -> dict[str, float]:
+        return {"loss_sum": float(self.loss_sum), "seconds": self.seconds()}
+
+
+@attrs.define
 class _Lane:
     """One seed's run inside a group trained in lockstep: its own plugins, folder and state."""
 
@@ -209,6 +234,31 @@ class _Lane:
     manager: pluggy.PluginManager
     run: RunContext
     state: TrainState
+    progress: _EpochProgress
+
+
+def _lockstep_recipe(recipe: Recipe, device: torch.device) -> Recipe:
+    """``recipe`` as seeds trained together run it: in a contiguous memory layout.
+
+    Under torch.func.vmap, channels_last BatchNorm inputs fail on CUDA and bf16 autocast casts
+    some convolutions and BatchNorms and not others; ``auto`` layout becomes contiguous (the
+    same numbers), while autocast, which changes the numbers, is refused in words.
+    """
+    autocast_dtype = _autocast_dtype(recipe, device)
+    if autocast_dtype is not None:
+        raise HooktrainError(
+            f"Seeds cannot be trained together in {str(autocast_dtype).removeprefix('torch.')} "
+            "autocast (the default precision on CUDA), because under torch.func.vmap autocast "
+            "casts some convolutions and BatchNorms and not others; add --set precision=fp32 "
+            "to train them together, or train the seeds one at a time."
+        )
+    if recipe.memory_format == "channels_last":
+        raise HooktrainError(
+            "Seeds cannot be trained together in channels_last, which torch.func.vmap does not "
+            "support for BatchNorm; set memory_format=auto or contiguous, or train the seeds "
+            "one at a time."
+        )
+    return attrs.evolve(recipe, memory_format="contiguous")
 
 
 def _check_vmappable(model: nn.Module) -> None:
@@ -243,7 +293,7 @@ def train_seeds(
     step (``torch.func``), while each seed keeps its own initialisation, data order,
     augmentation, dropout masks, plugins, run folder and checkpoints, so every folder is an
     ordinary run that ``hooktrain resume`` and ``hooktrain eval`` accept. ``resume`` holds one
-    loaded checkpoint per seed, all at the same epoch.
+    loaded checkpoint per seed, all at the same step.
     """
     if len(out_dirs) != len(seeds) or not seeds:
         raise ValueError("train_seeds needs one out_dir per seed, and at least one seed")
@@ -251,6 +301,8 @@ def train_seeds(
         _check_resumable(recipe, out_dirs, resume, echo)
     torch_device = resolve_device(device)
     together = len(seeds) > 1
+    if together:
+        recipe = _lockstep_recipe(recipe, torch_device)
     dataset = load_cifar10(data_dir)
     # Seeds differ in initialisation and data order only: one data object serves them all.
     data = _device_data(recipe, dataset, torch_device)
@@ -272,15 +324,21 @@ def train_seeds(
         )
         model, eval_model = _models(lane_recipe, len(dataset.classes), torch_device)
         state = TrainState.create(model, optimizer, seed)
+        progress = _EpochProgress(torch.zeros((), device=torch_device))
         if resume is not None:
             _check_compatible(resume[index]["state"], model)
             state = TrainState.from_dict(resume[index]["state"], torch_device)
             for plugin in lane_recipe.plugins:
                 plugin.load_state_dict(resume[index]["plugins"].get(plugin.name, {}))
+            saved = resume[index].get("progress", {"loss_sum": 0.0, "seconds": 0.0})
+            progress = _EpochProgress(
+                torch.tensor(saved["loss_sum"], device=torch_device), saved["seconds"]
+            )
         if index == 0:
             # The first seed's modules serve as shapes for all: the states hold the numbers.
             shape_model, shape_eval_model = model, eval_model
         out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_stale_temp_files(out_dir)
         config = write_config(out_dir, lane_recipe, run_info)
         run = RunContext(
             recipe=lane_recipe,
@@ -289,13 +347,14 @@ def train_seeds(
             data=data,
             steps_per_epoch=data.steps_per_epoch,
             config=config,
-            checkpoint_payload=_payload_writer(lane_recipe, config),
+            checkpoint_payload=_payload_writer(lane_recipe, config, progress),
             echo=_prefixed(echo, f"seed {seed}: ") if together else echo,
             tags=dict(tags or {}),
             lane=index,
             lanes=len(seeds),
         )
-        lanes.append(_Lane(lane_recipe, make_plugin_manager(lane_recipe.plugins), run, state))
+        manager = make_plugin_manager(lane_recipe.plugins)
+        lanes.append(_Lane(lane_recipe, manager, run, state, progress))
 
     build = BuildContext(
         recipe,
@@ -340,20 +399,53 @@ def _check_resumable(
     resume: Sequence[dict[str, Any]],
     echo: Callable[[str], None],
 ) -> None:
-    epochs_done = {payload["state"]["epoch"] for payload in resume}
-    if len(epochs_done) > 1:
+    steps_done = {payload["state"]["step"] for payload in resume}
+    if len(steps_done) > 1:
         raise HooktrainError(
-            "Seeds resumed together must have stopped at the same epoch; these stopped at "
-            f"epochs {sorted(epochs_done)}. Resume each run on its own with hooktrain resume."
+            "Seeds resumed together must have stopped at the same step; these stopped at "
+            f"steps {sorted(steps_done)}. Resume each run on its own with hooktrain resume."
         )
-    if epochs_done.pop() >= recipe.epochs:
+    if resume[0]["state"]["epoch"] >= recipe.epochs:
         raise HooktrainError(
             f"The run in {out_dirs[0]} has finished (epoch {recipe.epochs} of "
             f"{recipe.epochs}); there is nothing to resume: start a new one with "
             "`hooktrain run`."
         )
     for out_dir, payload in zip(out_dirs, resume, strict=True):
-        echo(f"resuming {out_dir} at epoch {payload['state']['epoch']} of {recipe.epochs}")
+        state = payload["state"]
+        echo(f"resuming {out_dir} at step {state['step']} (epoch {state['epoch']} done)")
+
+
+class _StopRequest:
+    """The first SIGINT or SIGTERM received while training, if any."""
+
+    signal_number: int | None = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_StopRequest]:
+    """Turn Ctrl-C and SIGTERM into a request the loop honours after the current step.
+
+    A second signal interrupts at once (KeyboardInterrupt): checkpoint writes are atomic, so
+    even that leaves the files already saved intact. Signal handlers can only be set from the
+    main thread; elsewhere signals keep their default behaviour.
+    """
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handle(number: int, frame: object) -> None:
+        if request.signal_number is not None:
+            raise KeyboardInterrupt
+        request.signal_number = number
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _fit(
@@ -365,72 +457,114 @@ def _fit(
     stop_after_epoch: int | None,
 ) -> list[EpochReport]:
     """The loop over epochs and steps, emitting every event once per lane."""
-    for lane in lanes:
-        lane.manager.hook.hooktrain_fit_start(run=lane.run, state=lane.state)
-    reports: list[EpochReport] = []
-    for epoch in range(lanes[0].state.epoch, epochs):
-        started = time.perf_counter()
+    with _stop_on_signals() as stop:
         for lane in lanes:
-            lane.manager.hook.hooktrain_epoch_start(run=lane.run, state=lane.state)
-        generators = [torch.Generator() for _ in lanes]
-        for generator, lane in zip(generators, lanes, strict=True):
-            generator.set_state(lane.state.rng["data"])
-        plans = [data.epoch_plan(generator) for generator in generators]
-        loss_sums = [torch.zeros((), device=data.device) for _ in lanes]
-        states = [lane.state for lane in lanes]
-        for index in range(data.steps_per_epoch):
-            states, metrics = step_all(states, [data.train_batch(p, index) for p in plans])
-            for lane, state, lane_metrics, loss_sum in zip(
-                lanes, states, metrics, loss_sums, strict=True
-            ):
-                loss_sum += lane_metrics["loss"]
-                lane.manager.hook.hooktrain_step_end(
-                    run=lane.run, state=state, metrics=lane_metrics
-                )
-        global_rng = capture_global_rng(data.device)
-        states = [
-            state.replace(epoch=epoch + 1, rng={"data": generator.get_state(), **global_rng})
-            for state, generator in zip(states, generators, strict=True)
-        ]
-        evaluated = [
-            state.replace(
-                params=lane.manager.hook.hooktrain_eval_params(run=lane.run, state=state)
-                or state.params
-            )
-            for lane, state in zip(lanes, states, strict=True)
-        ]
-        evaluations = evaluate_all(evaluated, data.test_batches())
-        seconds = time.perf_counter() - started
-        reports = []
-        for lane, state, evaluation, loss_sum in zip(
-            lanes, states, evaluations, loss_sums, strict=True
-        ):
-            lane.state = state
-            report = EpochReport(
-                epoch=epoch + 1,
-                step=state.step,
-                train_loss=float(loss_sum) / data.steps_per_epoch,
-                test_loss=evaluation.loss,
-                test_accuracy=evaluation.accuracy,
-                seconds=seconds,
-            )
-            lane.manager.hook.hooktrain_epoch_end(run=lane.run, state=state, report=report)
-            reports.append(report)
-        stop_here = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
-        if stop_here and epoch + 1 < epochs:
+            lane.manager.hook.hooktrain_fit_start(run=lane.run, state=lane.state)
+        reports: list[EpochReport] = []
+        for epoch in range(lanes[0].state.epoch, epochs):
+            # A run resumed from a checkpoint taken inside an epoch continues where it was.
+            first_batch = _batches_done(lanes[0].state, data.steps_per_epoch)
             for lane in lanes:
-                lane.run.echo(
-                    f"stopped after epoch {epoch + 1}; continue with: "
-                    f"hooktrain resume {lane.run.out_dir}"
-                )
-            return reports
-    for lane, report in zip(lanes, reports, strict=True):
-        lane.manager.hook.hooktrain_fit_end(run=lane.run, state=lane.state, report=report)
+                lane.progress.started = time.perf_counter()
+                lane.manager.hook.hooktrain_epoch_start(run=lane.run, state=lane.state)
+            generators = [torch.Generator() for _ in lanes]
+            for generator, lane in zip(generators, lanes, strict=True):
+                generator.set_state(lane.state.rng["data"])
+            plans = [data.epoch_plan(generator) for generator in generators]
+            states = [lane.state for lane in lanes]
+            for index in range(first_batch, data.steps_per_epoch):
+                states, metrics = step_all(states, [data.train_batch(p, index) for p in plans])
+                for lane, state, lane_metrics in zip(lanes, states, metrics, strict=True):
+                    lane.state = state
+                    lane.progress.loss_sum += lane_metrics["loss"]
+                    lane.manager.hook.hooktrain_step_end(
+                        run=lane.run, state=state, metrics=lane_metrics
+                    )
+                # After an epoch's last step, the stop waits for the epoch's end.
+                if stop.signal_number is not None and index + 1 < data.steps_per_epoch:
+                    _stop_by_signal(lanes, stop.signal_number)
+            reports = _end_epoch(lanes, generators, evaluate_all, data, epoch)
+            if stop.signal_number is not None and epoch + 1 < epochs:
+                _stop_by_signal(lanes, stop.signal_number)
+            stop_here = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
+            if stop_here and epoch + 1 < epochs:
+                _stop(lanes, "stop_after_epoch")
+                for lane in lanes:
+                    lane.run.echo(
+                        f"stopped after epoch {epoch + 1}; continue with: "
+                        f"hooktrain resume {lane.run.out_dir}"
+                    )
+                return reports
+        for lane, report in zip(lanes, reports, strict=True):
+            lane.manager.hook.hooktrain_fit_end(run=lane.run, state=lane.state, report=report)
+        return reports
+
+
+def _batches_done(state: TrainState, steps_per_epoch: int) -> int:
+    """How many of the current epoch's batches ``state`` has trained on."""
+    done = state.step - state.epoch * steps_per_epoch
+    if not 0 <= done < steps_per_epoch:
+        raise HooktrainError(
+            f"The checkpoint is at step {state.step} after {state.epoch} epochs, which does not "
+            f"fit {steps_per_epoch} steps per epoch: resume it with the data it was trained on."
+        )
+    return done
+
+
+def _end_epoch(
+    lanes: list[_Lane],
+    generators: list[torch.Generator],
+    evaluate_all: Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]],
+    data: DeviceData,
+    epoch: int,
+) -> list[EpochReport]:
+    """Evaluate each lane, emit epoch_end and return the reports; the state counts the epoch."""
+    global_rng = capture_global_rng(data.device)
+    for lane, generator in zip(lanes, generators, strict=True):
+        # The data generator has drawn this epoch's plan: its state now starts the next one.
+        lane.state = lane.state.replace(
+            epoch=epoch + 1, rng={"data": generator.get_state(), **global_rng}
+        )
+    evaluated = [
+        lane.state.replace(
+            params=lane.manager.hook.hooktrain_eval_params(run=lane.run, state=lane.state)
+            or lane.state.params
+        )
+        for lane in lanes
+    ]
+    evaluations = evaluate_all(evaluated, data.test_batches())
+    reports = []
+    for lane, evaluation in zip(lanes, evaluations, strict=True):
+        report = EpochReport(
+            epoch=epoch + 1,
+            step=lane.state.step,
+            train_loss=float(lane.progress.loss_sum) / data.steps_per_epoch,
+            test_loss=evaluation.loss,
+            test_accuracy=evaluation.accuracy,
+            seconds=lane.progress.seconds(),
+        )
+        # Checkpoints taken from here on are at an epoch boundary: nothing of an epoch is due.
+        lane.progress.restart()
+        lane.manager.hook.hooktrain_epoch_end(run=lane.run, state=lane.state, report=report)
+        reports.append(report)
     return reports
 
 
+def _stop(lanes: list[_Lane], reason: str) -> None:
+    for lane in lanes:
+        lane.manager.hook.hooktrain_fit_stop(run=lane.run, state=lane.state, reason=reason)
+
+
+def _stop_by_signal(lanes: list[_Lane], number: int) -> None:
+    name = signal.Signals(number).name
+    _stop(lanes, name)
+    state = lanes[0].state
+    total = lanes[0].run.total_steps
+    raise TrainingStopped(f"Stopped by {name} at step {state.step} of {total}", number)
+
+
 def _payload_writer(
-    recipe: Recipe, config: dict[str, Any]
+    recipe: Recipe, config: dict[str, Any], progress: _EpochProgress
 ) -> Callable[[TrainState], dict[str, Any]]:
     def checkpoint_payload(state: TrainState) -> dict[str, Any]:
         return {
@@ -440,6 +574,7 @@ def _payload_writer(
             "config": config,
             "state": state.to_dict(),
             "plugins": {p.name: p.state_dict() for p in recipe.plugins},
+            "progress": progress.to_dict(),
         }
 
     return checkpoint_payload

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
@@ -22,6 +22,7 @@ BUILTIN_PLUGINS = {
     "label_smoothing": "hooktrain.plugins.label_smoothing:LabelSmoothing",
     "checkpoint": "hooktrain.plugins.checkpoint:Checkpoint",
     "ema": "hooktrain.plugins.ema:EMA",
+    "nan_guard": "hooktrain.plugins.nan_guard:NanGuard",
     "metrics": "hooktrain.plugins.metrics:Metrics",
 }
 
@@ -53,6 +54,25 @@ class Plugin:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take back what :meth:`state_dict` returned."""
+
+
+def setting(
+    default: Any, allowed: Callable[[Any], bool], requirement: str
+) -> Any:  # an attrs field
+    """A plugin setting whose values must pass ``allowed``; others are refused in a sentence.
+
+    ``requirement`` completes "NAME.FIELD must be ...", e.g. ``"at least 1"``.
+    """
+
+    def check(instance: Plugin, attribute: attrs.Attribute, value: Any) -> None:
+        if not allowed(value):
+            name = instance.name or instance.default_name
+            raise HooktrainError(
+                f"{name}.{attribute.name} must be {requirement}, not {value!r}; set another "
+                f"value with --set {name}.{attribute.name}=VALUE."
+            )
+
+    return attrs.field(default=default, validator=check)
 
 
 def import_object(path: str) -> Any:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
+import traceback
 import types
 import typing
 from collections.abc import Sequence
@@ -28,6 +30,9 @@ BUILTIN_RECIPES = {
     "resnet9_fast": "hooktrain.recipes.resnet9_fast:recipe",
 }
 
+# torch seeds are 64-bit; a run adds offsets to its seed (the data generator, an ablation's seeds).
+SEED_LIMIT = 2**62
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
@@ -35,6 +40,17 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and value <= 0:
         raise HooktrainError(f"{attribute.name} must be greater than 0, not {value!r}.")
+
+
+def _seed(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not -SEED_LIMIT <= value <= SEED_LIMIT:
+        raise HooktrainError(f"seed must be between {-SEED_LIMIT} and {SEED_LIMIT}, not {value!r}.")
+
+
+def _shown(text: object) -> str:
+    """User text as typed, quoted only if it holds characters (newlines...) that break a line."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
 
 
 @attrs.frozen(kw_only=True)
@@ -74,7 +90,7 @@ class Recipe:
     compile_mode: Literal[
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     ] = "default"
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=_seed)
     plugins: tuple[Plugin, ...] = ()
 
     def plugin(self, name: str) -> Plugin | None:
@@ -137,6 +153,8 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             raise fail(f"a number ({annotation.__name__})") from None
         if annotation is int and isinstance(value, float) and value != number:
             raise fail("a whole number")
+        if annotation is float and math.isnan(number):
+            raise fail("a number (float)")
         return number
     if annotation is str:
         if not isinstance(value, str):
@@ -184,7 +202,7 @@ def apply_overrides(
     for name in without_plugins:
         if recipe.plugin(name) is None:
             raise HooktrainError(
-                f"--without {name}: the recipe {recipe.name!r} has no plugin {name!r} "
+                f"--without {_shown(name)}: the recipe {recipe.name!r} has no plugin {name!r} "
                 f"(its plugins: {', '.join(p.name for p in plugins) or 'none'})."
             )
         plugins = [p for p in plugins if p.name != name]
@@ -204,9 +222,9 @@ def apply_overrides(
                 close = difflib.get_close_matches(prefix, names, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise HooktrainError(
-                    f"--set {key}: there is no plugin {prefix!r} in this run ({hint}plugins: "
-                    f"{', '.join(names) or 'none'}); add it with --with {prefix} or check the "
-                    "spelling."
+                    f"--set {_shown(key)}: there is no plugin {prefix!r} in this run "
+                    f"({hint}plugins: {', '.join(names) or 'none'}); add it with "
+                    f"--with {_shown(prefix)} or check the spelling."
                 )
             plugin_changes.setdefault(prefix, {})[rest] = value
         else:
@@ -284,9 +302,22 @@ def recipe_paths() -> dict[str, str]:
 def _file_module(path: Path) -> types.ModuleType:
     spec = importlib.util.spec_from_file_location(f"hooktrain_recipe_{path.stem}", path)
     if spec is None or spec.loader is None:
-        raise HooktrainError(f"{path} is not a Python file; a recipe file ends in .py.")
+        raise HooktrainError(f"{_shown(path)} is not a Python file; a recipe file ends in .py.")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except HooktrainError:
+        raise
+    except Exception as error:  # the user's own code: one sentence that says what and where
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        lines = [
+            f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)
+        ]
+        where = f" at line {lines[-1]}" if lines and not isinstance(error, SyntaxError) else ""
+        raise HooktrainError(
+            f"The recipe file {_shown(path)} failed to run{where} ({reason}); fix it and try again."
+        ) from error
     return module
 
 
@@ -296,12 +327,12 @@ def load_recipe_module(name: str) -> tuple[Recipe, types.ModuleType]:
     if name.endswith(".py"):
         path = Path(name)
         if not path.is_file():
-            raise HooktrainError(f"The recipe file {path} does not exist.")
+            raise HooktrainError(f"The recipe file {_shown(path)} does not exist.")
         module = _file_module(path)
         recipe = getattr(module, "recipe", None)
         if not isinstance(recipe, Recipe):
             raise HooktrainError(
-                f"{path} defines no `recipe = Recipe(...)`; a recipe file must assign one."
+                f"{_shown(path)} defines no `recipe = Recipe(...)`; a recipe file must assign one."
             )
         return recipe, module
     paths = recipe_paths()

@@ -1,29 +1,53 @@
-"""Checkpoints: the last state every N epochs and at the end, and the best by test accuracy."""
+"""Checkpoints: the last state every N epochs (and N steps), at the end and on Ctrl-C; the best."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 
-from hooktrain.engine.checkpoints import copy_checkpoint, save_checkpoint
+from hooktrain.engine.checkpoints import (
+    copy_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from hooktrain.engine.context import EpochReport, RunContext
 from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.plugin import Plugin
+from hooktrain.engine.plugin import Plugin, setting
 from hooktrain.engine.state import TrainState
+from hooktrain.errors import HooktrainError
 
 CHECKPOINT_FOLDER = "checkpoints"
 LAST = "last.pt"
+PREVIOUS = "previous.pt"
 BEST = "best.pt"
+
+
+def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all())
 
 
 @attrs.define
 class Checkpoint(Plugin):
-    """Save checkpoints/last.pt every N epochs and at the end, checkpoints/best.pt when best."""
+    """Save checkpoints/last.pt every ``every`` epochs, at the end and when the run is stopped.
+
+    ``every_steps`` also saves it every that many steps inside epochs (0: never), so a killed
+    run loses at most that many steps; resume continues mid-epoch exactly. Before last.pt is
+    replaced, the one it held becomes previous.pt, the fallback if last.pt is ever damaged.
+    best.pt is the state with the best test accuracy. A state whose parameters are not finite
+    is never saved. A save that fails (a full disk) is reported and retried at the next save;
+    the files already there stay intact.
+    """
 
     default_name = "checkpoint"
-    every: int = 1
+    every: int = setting(1, lambda v: v >= 1, "at least 1")
+    every_steps: int = setting(0, lambda v: v >= 0, "0 (off) or more")
     best_accuracy: float = attrs.field(default=-1.0, init=False)
+    _failure: str | None = attrs.field(default=None, init=False)
+    _saved_step: int = attrs.field(default=-1, init=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_accuracy": self.best_accuracy}
@@ -31,24 +55,104 @@ class Checkpoint(Plugin):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_accuracy = state.get("best_accuracy", -1.0)
 
-    # Last at epoch end: every other plugin has updated its state before it is saved.
+    @hookimpl
+    def hooktrain_fit_start(self, run: RunContext, state: TrainState) -> None:
+        self._saved_step = state.step
+        remove_stale_temp_files(self._folder(run))
+
+    # Last at every event: every other plugin has updated its state before it is saved.
+    @hookimpl(trylast=True)
+    def hooktrain_step_end(self, run: RunContext, state: TrainState) -> None:
+        if (
+            self.every_steps
+            and state.step % self.every_steps == 0
+            and state.step % run.steps_per_epoch != 0  # epoch ends are epoch_end's
+        ):
+            self._save_last(run, state)
+
     @hookimpl(trylast=True)
     def hooktrain_epoch_end(self, run: RunContext, state: TrainState, report: EpochReport) -> None:
         improved = report.test_accuracy > self.best_accuracy
         if improved:
             self.best_accuracy = report.test_accuracy
         due = state.epoch % self.every == 0 or state.epoch == run.recipe.epochs
-        if not (due or improved):
-            return
-        payload = run.checkpoint_payload(state)
-        folder = run.out_dir / CHECKPOINT_FOLDER
+        # best.pt first: a process killed between the two files leaves the best state on disk
+        # and last.pt one save behind (resume redoes those steps), never a stale best.pt.
+        best_saved = improved and _all_finite(state.params) and self._save(run, state, BEST)
         if due:
-            save_checkpoint(payload, folder / LAST)
-        if improved and due:
-            copy_checkpoint(folder / LAST, folder / BEST)
-        elif improved:
-            save_checkpoint(payload, folder / BEST)
+            self._save_last(run, state, self._folder(run) / BEST if best_saved else None)
 
-    @hookimpl
+    @hookimpl(trylast=True)
+    def hooktrain_fit_stop(self, run: RunContext, state: TrainState) -> None:
+        if state.step != self._saved_step:
+            self._save_last(run, state)
+
+    @hookimpl(trylast=True)
     def hooktrain_fit_end(self, run: RunContext) -> None:
-        run.echo(f"checkpoints: {run.out_dir / CHECKPOINT_FOLDER}")
+        if self._failure is not None:
+            raise HooktrainError(
+                f"The run finished but its last checkpoint could not be written "
+                f"({self._failure}); {self._intact(run)}: make room and `hooktrain resume "
+                f"{run.out_dir}` to redo the steps after it."
+            )
+        run.echo(f"checkpoints: {self._folder(run)}")
+
+    def _folder(self, run: RunContext) -> Path:
+        return run.out_dir / CHECKPOINT_FOLDER
+
+    def _save_last(self, run: RunContext, state: TrainState, same_as: Path | None = None) -> bool:
+        """Rotate last.pt to previous.pt and save ``state`` as last.pt; whether it was saved.
+
+        ``same_as`` is a file already holding ``state``: last.pt then shares its bytes.
+        """
+        if not _all_finite(state.params):
+            run.echo(
+                f"warning: step {state.step}'s parameters are not finite numbers, so they were "
+                f"not saved; {self._intact(run)}."
+            )
+            return False
+        last = self._last(run)
+
+        def rotate_and_save(path: Path) -> None:
+            if last.is_file():
+                copy_checkpoint(last, self._folder(run) / PREVIOUS)
+            if same_as is not None:
+                copy_checkpoint(same_as, path)
+            else:
+                save_checkpoint(run.checkpoint_payload(state), path)
+
+        saved = self._write(run, state, LAST, rotate_and_save)
+        if saved:
+            self._saved_step = state.step
+        return saved
+
+    def _save(self, run: RunContext, state: TrainState, name: str) -> bool:
+        return self._write(
+            run, state, name, lambda path: save_checkpoint(run.checkpoint_payload(state), path)
+        )
+
+    def _write(
+        self, run: RunContext, state: TrainState, name: str, write: Callable[[Path], None]
+    ) -> bool:
+        """``write(path)`` for the file ``name``; a failure is told, remembered and survived."""
+        path = self._folder(run) / name
+        try:
+            write(path)
+        except OSError as error:
+            self._failure = error.strerror or str(error)
+            run.echo(
+                f"warning: could not save step {state.step} to {path} ({self._failure}); "
+                f"{self._intact(run)}, and the next save tries again."
+            )
+            return False
+        self._failure = None
+        return True
+
+    def _last(self, run: RunContext) -> Path:
+        return self._folder(run) / LAST
+
+    def _intact(self, run: RunContext) -> str:
+        last = self._last(run)
+        if last.is_file():
+            return f"the checkpoint saved before it is intact in {last}"
+        return "no earlier checkpoint exists"

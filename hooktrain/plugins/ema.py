@@ -8,9 +8,8 @@ import attrs
 import torch
 
 from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.plugin import Plugin
+from hooktrain.engine.plugin import Plugin, setting
 from hooktrain.engine.state import TrainState
-from hooktrain.errors import HooktrainError
 
 
 @attrs.define
@@ -23,19 +22,9 @@ class EMA(Plugin):
     """
 
     default_name = "ema"
-    decay: float = attrs.field(default=0.99)
-    every: int = attrs.field(default=5)
+    decay: float = setting(0.99, lambda v: 0 <= v < 1, "at least 0 and below 1")
+    every: int = setting(5, lambda v: v >= 1, "at least 1")
     _average: dict[str, torch.Tensor] | None = attrs.field(default=None, init=False)
-
-    @decay.validator
-    def _decay_in_range(self, attribute: attrs.Attribute, value: float) -> None:
-        if not 0 <= value < 1:
-            raise HooktrainError(f"ema.decay must be at least 0 and below 1, not {value!r}.")
-
-    @every.validator
-    def _every_positive(self, attribute: attrs.Attribute, value: int) -> None:
-        if value < 1:
-            raise HooktrainError(f"ema.every must be at least 1, not {value!r}.")
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self._average is None else {"average": self._average}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import attrs
@@ -10,9 +11,10 @@ import torch
 from hooktrain.engine.context import BuildContext
 from hooktrain.engine.hookspecs import hookimpl
 from hooktrain.engine.pieces import GradientTransform
-from hooktrain.engine.plugin import Plugin
+from hooktrain.engine.plugin import Plugin, setting
 
 Tensors = list[torch.Tensor]
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def global_norm(grads: Tensors) -> torch.Tensor:
@@ -47,7 +49,10 @@ class GradClip(Plugin):
     """Clip gradients by value (default, 0.1 as the seed) or by global norm."""
 
     default_name = "grad_clip"
-    max: float = 0.1
+    # A float32 bound (clamping gradients converts it); inf turns clipping off.
+    max: float = setting(
+        0.1, lambda v: 0 < v <= FLOAT32_MAX or v == math.inf, "a positive float32 number or inf"
+    )
     mode: Literal["value", "norm"] = "value"
 
     @hookimpl

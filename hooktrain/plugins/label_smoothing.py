@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from hooktrain.engine.context import BuildContext
 from hooktrain.engine.hookspecs import hookimpl
 from hooktrain.engine.pieces import LossFn
-from hooktrain.engine.plugin import Plugin
-from hooktrain.errors import HooktrainError
+from hooktrain.engine.plugin import Plugin, setting
 
 
 @attrs.define
@@ -19,14 +18,7 @@ class LabelSmoothing(Plugin):
     """Train with label-smoothed cross-entropy (Szegedy et al., 2016); 0.2 as fast ResNet-9s."""
 
     default_name = "label_smoothing"
-    smoothing: float = attrs.field(default=0.2)
-
-    @smoothing.validator
-    def _in_range(self, attribute: attrs.Attribute, value: float) -> None:
-        if not 0 <= value < 1:
-            raise HooktrainError(
-                f"label_smoothing.smoothing must be at least 0 and below 1, not {value!r}."
-            )
+    smoothing: float = setting(0.2, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
     @hookimpl
     def hooktrain_loss(self, build: BuildContext) -> LossFn:

@@ -14,7 +14,7 @@ from torchvision.utils import make_grid
 from hooktrain.engine.checkpoints import atomic_write
 from hooktrain.engine.context import EpochReport, RunContext
 from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.plugin import Plugin
+from hooktrain.engine.plugin import Plugin, setting
 from hooktrain.engine.state import TrainState
 
 METRICS_FILE = "metrics.json"
@@ -44,7 +44,7 @@ class Metrics(Plugin):
     """
 
     default_name = "metrics"
-    log_every: int = 25
+    log_every: int = setting(25, lambda v: v >= 1, "at least 1")
     tensorboard: bool = True
     progress: bool = True
     history: list[dict[str, Any]] = attrs.field(factory=list, init=False)
@@ -64,10 +64,8 @@ class Metrics(Plugin):
     def hooktrain_fit_start(self, run: RunContext, state: TrainState) -> None:
         if not self.tensorboard:
             return
-        # purge_step drops events a crashed process logged after the checkpoint we resume from.
-        self._writer = SummaryWriter(
-            run.out_dir / TENSORBOARD_FOLDER, purge_step=state.step or None
-        )
+        # purge_step drops events a killed process logged after the state we continue from.
+        self._writer = SummaryWriter(run.out_dir / TENSORBOARD_FOLDER, purge_step=state.step)
         if state.step == 0:
             plan = run.data.epoch_plan(torch.Generator().manual_seed(run.recipe.seed))
             images, _ = run.data.train_batch(plan, 0)
@@ -87,6 +85,8 @@ class Metrics(Plugin):
                 item_show_func=lambda _: self._shown,
             )
             self._bar.__enter__()
+            # A run resumed inside an epoch has done part of it.
+            self._bar.update(state.step - state.epoch * run.steps_per_epoch)
 
     @hookimpl
     def hooktrain_step_end(self, state: TrainState, metrics: dict[str, torch.Tensor]) -> None:
@@ -117,10 +117,7 @@ class Metrics(Plugin):
     @hookimpl(tryfirst=True)
     def hooktrain_epoch_end(self, run: RunContext, state: TrainState, report: EpochReport) -> None:
         self._flush(state.step)
-        if self._bar is not None:
-            self._bar.render_progress()  # show the epoch's last window, not the one before
-            self._bar.__exit__(None, None, None)
-            self._bar = None
+        self._close_bar()
         self.history.append(report.to_dict())
         if self._writer is not None:
             self._writer.add_scalar("epoch/train_loss", report.train_loss, state.step)
@@ -149,6 +146,19 @@ class Metrics(Plugin):
             f"final test accuracy {report.test_accuracy:.2%} "
             f"({self.wall_seconds():.1f} s of training and evaluation)"
         )
+
+    @hookimpl
+    def hooktrain_fit_stop(self, run: RunContext, state: TrainState) -> None:
+        self._flush(state.step)
+        self._close_bar()
+        if self._writer is not None:
+            self._writer.close()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.render_progress()  # show the epoch's last window, not the one before
+            self._bar.__exit__(None, None, None)
+            self._bar = None
 
     def wall_seconds(self) -> float:
         """Seconds spent in all epochs of the run so far, across resumes."""

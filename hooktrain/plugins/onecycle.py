@@ -11,7 +11,7 @@ import torch
 from hooktrain.engine.context import BuildContext
 from hooktrain.engine.hookspecs import hookimpl
 from hooktrain.engine.pieces import LRSchedule
-from hooktrain.engine.plugin import Plugin
+from hooktrain.engine.plugin import Plugin, setting
 from hooktrain.errors import HooktrainError
 
 
@@ -73,9 +73,9 @@ class OneCycle(Plugin):
     """One-cycle learning rate up to the recipe's max_lr, stepped every batch."""
 
     default_name = "onecycle"
-    pct_start: float = 0.3
-    div_factor: float = 25.0
-    final_div_factor: float = 1e4
+    pct_start: float = setting(0.3, lambda v: 0 < v < 1, "above 0 and below 1")
+    div_factor: float = setting(25.0, lambda v: 0 < v < math.inf, "a positive number")
+    final_div_factor: float = setting(1e4, lambda v: 0 < v < math.inf, "a positive number")
     anneal: Literal["cos", "linear"] = "cos"
     three_phase: bool = False
 

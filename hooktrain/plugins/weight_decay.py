@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fnmatch import fnmatchcase
 from typing import Literal
 
@@ -10,7 +11,7 @@ import attrs
 from hooktrain.engine.context import BuildContext
 from hooktrain.engine.hookspecs import hookimpl
 from hooktrain.engine.pieces import DecayRule
-from hooktrain.engine.plugin import Plugin
+from hooktrain.engine.plugin import Plugin, setting
 
 
 @attrs.define
@@ -24,7 +25,7 @@ class WeightDecay(Plugin):
     """
 
     default_name = "weight_decay"
-    rate: float = 1e-4
+    rate: float = setting(1e-4, lambda v: 0 <= v < math.inf, "0 or a positive number")
     mode: Literal["auto", "coupled", "decoupled"] = "auto"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()

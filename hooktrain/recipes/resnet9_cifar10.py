@@ -15,6 +15,7 @@ from hooktrain.engine.recipe import Recipe
 from hooktrain.plugins.checkpoint import Checkpoint
 from hooktrain.plugins.grad_clip import GradClip
 from hooktrain.plugins.metrics import Metrics
+from hooktrain.plugins.nan_guard import NanGuard
 from hooktrain.plugins.onecycle import OneCycle
 from hooktrain.plugins.weight_decay import WeightDecay
 
@@ -31,6 +32,7 @@ recipe = Recipe(
     pad_mode="reflect",
     flip=True,
     plugins=(
+        NanGuard(),
         OneCycle(pct_start=0.3),
         WeightDecay(rate=1e-4),
         GradClip(max=0.1, mode="value"),

@@ -14,6 +14,7 @@ from hooktrain.engine.recipe import Recipe
 from hooktrain.plugins.checkpoint import Checkpoint
 from hooktrain.plugins.label_smoothing import LabelSmoothing
 from hooktrain.plugins.metrics import Metrics
+from hooktrain.plugins.nan_guard import NanGuard
 from hooktrain.plugins.onecycle import OneCycle
 from hooktrain.plugins.weight_decay import WeightDecay
 
@@ -33,6 +34,7 @@ recipe = Recipe(
     max_lr=0.4,
     compile=True,
     plugins=(
+        NanGuard(),
         OneCycle(pct_start=0.25, anneal="linear", div_factor=40, final_div_factor=100),
         WeightDecay(rate=5e-4),
         LabelSmoothing(smoothing=0.2),

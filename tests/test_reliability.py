@@ -1,0 +1,548 @@
+"""Nothing a user started is lost: damaged checkpoints, failed saves, divergence, signals.
+
+Every run here is tiny (width 4, 240 images in batches of 40: 6 steps an epoch) and saves a
+checkpoint every 2 steps, so resumes start inside epochs. The kill -9 fault script is
+``fault_kill_resume.py`` beside this file (``test_kill_resume.py`` runs its short version).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from conftest import assert_user_error
+
+from hooktrain.cli import main
+from hooktrain.engine import checkpoints
+from hooktrain.engine.checkpoints import (
+    CheckpointUnusable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from hooktrain.engine.loop import CONFIG_FILE
+from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST, PREVIOUS
+
+FLAGSHIP = "resnet9_cifar10"
+TINY = [
+    *("--set", "width=4", "--set", "epochs=2", "--set", "batch_size=40"),
+    *("--set", "checkpoint.every_steps=2", "--set", "metrics.progress=false"),
+    *("--device", "cpu"),
+]
+STEPS = 12
+
+
+def invoke(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def run_tiny(data: Path, out: Path, *extra: str | Path) -> Result:
+    result = invoke("run", FLAGSHIP, *TINY, "--data-dir", data, "--out", out, *extra)
+    return result
+
+
+def final_state(folder: Path) -> dict[str, Any]:
+    return load_checkpoint(folder / CHECKPOINT_FOLDER / LAST)["state"]
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Bit-identical parameters, buffers and optimizer state, at the same step."""
+    assert a["step"] == b["step"]
+    for kind in ("params", "buffers"):
+        for name, tensor in a[kind].items():
+            assert torch.equal(tensor, b[kind][name]), f"{kind} {name}"
+    flat_a, flat_b = _tensors(a["opt_state"]), _tensors(b["opt_state"])
+    assert len(flat_a) == len(flat_b)
+    assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b, strict=True))
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for key in sorted(value) for t in _tensors(value[key])]
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted tiny run: 2 epochs, a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = run_tiny(tiny_cifar, out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Checksums: every damaged byte is caught before unpickling
+
+
+def test_every_flipped_byte_and_every_cut_is_detected(reference: Path, tmp_path: Path) -> None:
+    original = (reference / CHECKPOINT_FOLDER / LAST).read_bytes()
+    rng = random.Random(0)
+    positions = [*rng.sample(range(len(original)), 200), 0, len(original) - 1]
+    path = tmp_path / "damaged.pt"
+    for position in positions:
+        damaged = bytearray(original)
+        damaged[position] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointUnusable):
+            load_checkpoint(path)
+    for length in [0, 1, 100, len(original) // 2, len(original) - 73, len(original) - 1]:
+        path.write_bytes(original[:length])
+        with pytest.raises(CheckpointUnusable):
+            load_checkpoint(path)
+    path.write_bytes(original)
+    assert load_checkpoint(path)["state"]["step"] == STEPS
+
+
+def test_a_checkpoint_is_a_plain_torch_file_with_its_checksum_in_the_zip_comment(
+    reference: Path,
+) -> None:
+    import zipfile
+
+    path = reference / CHECKPOINT_FOLDER / LAST
+    with zipfile.ZipFile(path) as archive:
+        assert archive.comment.startswith(checkpoints.CHECKSUM_PREFIX)
+        assert archive.testzip() is None
+    assert torch.load(path, weights_only=True)["version"] == checkpoints.VERSION
+
+
+def test_version_1_checkpoints_without_checksum_still_load(tmp_path: Path) -> None:
+    state = {key: {} for key in checkpoints.STATE_KEYS}
+    payload = {"format": checkpoints.FORMAT, "version": 1, "recipe": "r", "config": {}}
+    torch.save(payload | {"plugins": {}, "state": state}, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["version"] == 1
+
+
+def test_a_version_2_checkpoint_stripped_of_its_checksum_is_refused(
+    reference: Path, tmp_path: Path
+) -> None:
+    payload = load_checkpoint(reference / CHECKPOINT_FOLDER / LAST)
+    torch.save(payload, tmp_path / "stripped.pt")
+    with pytest.raises(CheckpointUnusable, match="lost the checksum"):
+        load_checkpoint(tmp_path / "stripped.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Resume falls back to the newest usable checkpoint
+
+
+def _flip_bytes(path: Path, other: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path, other: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _another_recipes(path: Path, other: Path) -> None:
+    payload = load_checkpoint(other)
+    payload["recipe"] = "resnet9_fast"
+    save_checkpoint(payload, path)
+
+
+def _newer_format(path: Path, other: Path) -> None:
+    save_checkpoint(load_checkpoint(path) | {"version": checkpoints.VERSION + 1}, path)
+
+
+def _other_settings(path: Path, other: Path) -> None:
+    payload = load_checkpoint(path)
+    payload["config"]["recipe"]["max_lr"] = 0.5
+    save_checkpoint(payload, path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_flip_bytes, "checksum does not match"),
+        (_truncate, "corrupt, truncated"),
+        (_another_recipes, "written by the recipe 'resnet9_fast'"),
+        (_newer_format, f"format version {checkpoints.VERSION + 1}"),
+        (_other_settings, "a run with other settings"),
+    ],
+)
+def test_resume_passes_over_a_damaged_last_checkpoint(
+    reference: Path, tmp_path: Path, damage: Any, reason: str
+) -> None:
+    """last.pt (step 12) is damaged: resume takes previous.pt (step 10) and ends bit-identical."""
+    folder = Path(shutil.copytree(reference, tmp_path / "run"))
+    last = folder / CHECKPOINT_FOLDER / LAST
+    assert load_checkpoint(folder / CHECKPOINT_FOLDER / PREVIOUS)["state"]["step"] == 10
+    # Step 12 ended the run: mark it unfinished so there is something left to resume.
+    (folder / CHECKPOINT_FOLDER / BEST).unlink()
+    damage(last, reference / CHECKPOINT_FOLDER / PREVIOUS)
+    result = invoke("resume", folder)
+    assert result.exit_code == 0, result.output
+    assert f"warning: passed over {last}: it" in result.output
+    assert reason in result.output
+    assert f"resuming from {folder / CHECKPOINT_FOLDER / PREVIOUS} instead (step 10)" in (
+        result.output
+    )
+    assert_same_state(final_state(folder), final_state(reference))
+
+
+def test_resume_refuses_when_no_checkpoint_is_usable(reference: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(reference, tmp_path / "run"))
+    for path in (folder / CHECKPOINT_FOLDER).glob("*.pt"):
+        _truncate(path, path)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    result = invoke("resume", folder)
+    assert_user_error(result, "No checkpoint in", "can be resumed", "best.pt: it is corrupt")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_resume_of_a_damaged_config(reference: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(reference, tmp_path / "run"))
+    (folder / CONFIG_FILE).write_text('{"recipe": ')
+    assert_user_error(invoke("resume", folder), f"{folder / CONFIG_FILE} is damaged")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A checkpoint that would run code is refused before any of it runs
+
+
+class _Payload:
+    """Unpickling this calls open(target, "w"): the file appears if pickled code runs."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.target), "w"))
+
+
+@pytest.mark.parametrize("with_checksum", [False, True])
+def test_a_malicious_checkpoint_runs_no_code(
+    reference: Path, tmp_path: Path, with_checksum: bool
+) -> None:
+    target = tmp_path / "pwned"
+    payload = load_checkpoint(reference / CHECKPOINT_FOLDER / LAST)
+    payload["plugins"]["metrics"] = {"history": _Payload(target)}
+    path = tmp_path / "evil.pt"
+    if with_checksum:  # a forged checksum does not make it loadable
+        with path.open("wb") as file:
+            checkpoints._write_checksummed(payload, file)
+    else:
+        torch.save(payload, path)
+    assert_user_error(invoke("eval", path), "asks to import", "no code can run")
+    assert not target.exists()
+    # In a run folder, resume passes over it to the previous checkpoint.
+    folder = Path(shutil.copytree(reference, tmp_path / "run"))
+    (folder / CHECKPOINT_FOLDER / BEST).unlink()
+    shutil.copy(path, folder / CHECKPOINT_FOLDER / LAST)
+    result = invoke("resume", folder)
+    assert result.exit_code == 0, result.output
+    assert "asks to import" in result.output
+    assert not target.exists()
+    assert_same_state(final_state(folder), final_state(reference))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A failed save keeps the previous checkpoint and the run
+
+
+def _full_disk_while(monkeypatch: pytest.MonkeyPatch, failing_saves: set[int]) -> None:
+    """Checkpoint writes number ``failing_saves`` (from 1) fail half-way with ENOSPC."""
+    real_write = checkpoints._write_checksummed
+    count = {"saves": 0}
+
+    def write(payload: dict[str, Any], file: Any) -> None:
+        count["saves"] += 1
+        if count["saves"] in failing_saves:
+            file.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(payload, file)
+
+    monkeypatch.setattr(checkpoints, "_write_checksummed", write)
+
+
+def test_a_full_disk_for_a_while_loses_nothing(
+    reference: Path, tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Saves: step 2, 4, 6 (epoch end; best.pt is a link), 8, 10, 12: the 2nd and 3rd fail.
+    _full_disk_while(monkeypatch, {2, 3})
+    out = tmp_path / "run"
+    result = run_tiny(tiny_cifar, out)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "could not save" in line]
+    assert len(warnings) == 2, result.output
+    assert "could not save step 4" in warnings[0]
+    assert "No space left on device" in warnings[0]
+    assert (
+        f"the checkpoint saved before it is intact in {out / CHECKPOINT_FOLDER / LAST}"
+        in (warnings[0])
+    )
+    assert_same_state(final_state(out), final_state(reference))
+    assert list((out / CHECKPOINT_FOLDER).glob(".*")) == []
+
+
+def test_a_disk_that_stays_full_ends_with_the_last_good_checkpoint(
+    tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _full_disk_while(monkeypatch, set(range(3, 100)))
+    out = tmp_path / "run"
+    result = run_tiny(tiny_cifar, out)
+    assert_user_error(result, "its last checkpoint could not be written", "No space left")
+    assert f"hooktrain resume {out}" in result.stderr
+    assert final_state(out)["step"] == 4  # saves 1 and 2: steps 2 and 4
+    monkeypatch.undo()
+    assert invoke("resume", out).exit_code == 0
+    assert final_state(out)["step"] == STEPS
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. nan_guard stops a diverged run and names the step
+
+
+NAN_RECIPE = """
+import attrs
+import torch
+from hooktrain import Plugin, hookimpl
+from hooktrain.engine.recipe import load_recipe
+
+
+@attrs.define
+class PoisonedLR(Plugin):
+    '''The learning rate turns NaN from step index AT on: the parameters follow.'''
+
+    default_name = "poisoned_lr"
+
+    @hookimpl
+    def hooktrain_lr_schedule(self, build):
+        return lambda step: torch.where(step >= AT, float("nan"), 0.01)
+
+
+@attrs.define
+class InfiniteGradients(Plugin):
+    '''A loss whose value is finite but whose gradients are not (sqrt at 0).'''
+
+    default_name = "infinite_gradients"
+
+    @hookimpl
+    def hooktrain_loss(self, build):
+        ce = torch.nn.functional.cross_entropy
+        return lambda logits, y: ce(logits, y) + 0.0 * torch.sqrt(logits.sum() * 0.0)
+
+
+base = load_recipe("resnet9_cifar10")
+plugins = [p for p in base.plugins if p.name != "onecycle"]
+recipe = attrs.evolve(base, name="diverging", plugins=(PLUGIN, *plugins))
+"""
+
+
+@pytest.mark.parametrize("check_every", [1, 25])
+def test_nan_guard_stops_at_the_first_bad_loss(
+    tiny_cifar: Path, tmp_path: Path, check_every: int
+) -> None:
+    recipe = tmp_path / "diverging.py"
+    recipe.write_text(NAN_RECIPE.replace("AT", "5").replace("PLUGIN", "PoisonedLR()"))
+    out = tmp_path / "run"
+    result = invoke(
+        "run", recipe, *TINY, "--set", f"nan_guard.check_every={check_every}",
+        "--data-dir", tiny_cifar, "--out", out,
+    )  # fmt: skip
+    # The 6th step (index 5) makes the parameters NaN; the 7th step's loss is the first NaN.
+    assert result.exit_code == 3, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Error: Training diverged: the loss became nan at step 7 (epoch 2)" in result.stderr
+    assert f"{out / CHECKPOINT_FOLDER / LAST} holds the last good state" in result.stderr
+    assert "step 6's parameters are not finite numbers, so they were not saved" in result.output
+    saved = final_state(out)
+    assert saved["step"] == 4
+    assert all(torch.isfinite(t).all() for t in saved["params"].values())
+
+
+def test_nan_guard_catches_infinite_gradients_under_a_finite_loss(
+    tiny_cifar: Path, tmp_path: Path
+) -> None:
+    recipe = tmp_path / "diverging.py"
+    recipe.write_text(NAN_RECIPE.replace("AT", "5").replace("PLUGIN", "InfiniteGradients()"))
+    result = invoke("run", recipe, *TINY, "--data-dir", tiny_cifar, "--out", tmp_path / "run")
+    assert result.exit_code == 3, result.output
+    assert "the gradient norm became NaN or infinite at step 1 (epoch 1)" in result.stderr
+    assert "no checkpoint was saved" in result.stderr
+
+
+def test_nan_guard_leaves_a_healthy_run_alone(reference: Path) -> None:
+    assert final_state(reference)["step"] == STEPS
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Ctrl-C and SIGTERM save the state and say how to continue
+
+# The command in a process whose steps are slow enough to be interrupted; it says when the
+# 4th step starts. Slowing the batches changes no number.
+SLOW_COMMAND = """
+import sys
+import time
+from hooktrain.engine import data
+
+real_train_batch = data.DeviceData.train_batch
+
+def slow_train_batch(self, plan, index):
+    if index == 3:
+        print("step 4 starts", flush=True)
+    time.sleep(0.3)
+    return real_train_batch(self, plan, index)
+
+data.DeviceData.train_batch = slow_train_batch
+from hooktrain.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_state_and_resume_finishes_the_same_run(
+    reference: Path, tiny_cifar: Path, tmp_path: Path, signal_number: int
+) -> None:
+    out = tmp_path / "run"
+    # No step checkpoints: what is saved inside the first epoch comes from the signal.
+    args = [*TINY, "--set", "checkpoint.every_steps=0", "--data-dir", tiny_cifar, "--out", out]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_COMMAND, "run", FLAGSHIP, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("step 4 starts"):
+            break
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=120)
+    name = signal.Signals(signal_number).name
+    assert process.returncode == 128 + signal_number, stdout + stderr
+    assert "Traceback" not in stderr
+    assert stderr.startswith(f"Error: Stopped by {name} at step ")
+    assert stderr.strip().endswith(
+        f"; continue from the last checkpoint with `hooktrain resume {out}`."
+    )
+    stopped_at = final_state(out)["step"]
+    assert 3 < stopped_at < 6  # inside the first epoch, where no checkpoint was due
+    assert f"at step {stopped_at} of {STEPS}" in stderr
+    resumed = invoke("resume", out)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {out} at step {stopped_at} (epoch 0 done)" in resumed.output
+    assert_same_state(final_state(out), final_state(reference))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Bad input ends in one sentence; a run folder is only replaced with --overwrite
+# (tests/test_fuzz_cli.py throws random input at the same doors)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", FLAGSHIP, "--seed", "x"],
+        ["run", FLAGSHIP, "extra"],
+        ["run", FLAGSHIP, "--bogus"],
+        ["eval"],
+    ],
+)
+def test_usage_mistakes_are_one_sentence(args: list[str]) -> None:
+    assert_user_error(invoke(*args), f"see `hooktrain {args[0]} --help`")
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "metrics.log_every=0",
+        "onecycle.div_factor=0",
+        "onecycle.pct_start=1.5",
+        "grad_clip.max=-1",
+        "grad_clip.max=1e300",
+        "weight_decay.rate=-1",
+        "checkpoint.every=0",
+        "checkpoint.every_steps=-1",
+        "nan_guard.check_every=0",
+    ],
+)
+def test_plugin_settings_out_of_range_are_refused(tmp_path: Path, setting: str) -> None:
+    key = setting.partition("=")[0]
+    result = invoke("run", FLAGSHIP, "--set", setting, "--out", tmp_path / "run")
+    assert_user_error(result, f"{key} must be", f"--set {key}=VALUE")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_is_replaced_only_with_overwrite(
+    reference: Path, tiny_cifar: Path, tmp_path: Path
+) -> None:
+    folder = Path(shutil.copytree(reference, tmp_path / "run"))
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert_user_error(run_tiny(tiny_cifar, folder), "is not empty", "--overwrite")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    (folder / "notes.txt").write_text("the old run's")
+    result = run_tiny(tiny_cifar, folder, "--overwrite", "--set", "epochs=1")
+    assert result.exit_code == 0, result.output
+    assert not (folder / "notes.txt").exists()
+    assert final_state(folder)["step"] == STEPS // 2
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(
+    tiny_cifar: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    result = run_tiny(tiny_cifar, folder, "--overwrite")
+    assert_user_error(result, "holds files but no hooktrain run", "leaves it alone")
+    assert (folder / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_run_folder_below_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = invoke("run", FLAGSHIP, "--out", tmp_path / "file" / "run")
+    assert_user_error(result, "Cannot make the run folder", "pass another --out")
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. What a kill in the middle of a write leaves behind is cleaned up, never in the way
+
+
+def test_linking_a_checkpoint_onto_itself_leaves_no_temporary_name(tmp_path: Path) -> None:
+    """After a kill inside a save, previous.pt and last.pt can be one file (the rotation ran)."""
+    last, previous = tmp_path / LAST, tmp_path / PREVIOUS
+    save_checkpoint({"w": torch.ones(2)}, last)
+    os.link(last, previous)
+    checkpoints.copy_checkpoint(last, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST, PREVIOUS]
+
+
+def test_a_folder_left_with_only_a_half_written_config_takes_a_new_run(
+    tiny_cifar: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".config.json.k1ll3d.tmp").write_text('{"reci')
+    result = run_tiny(tiny_cifar, folder, "--set", "epochs=1")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.glob(".*")) == []
+
+
+def test_resume_clears_half_written_files_of_the_killed_process(
+    reference: Path, tmp_path: Path
+) -> None:
+    folder = Path(shutil.copytree(reference, tmp_path / "run"))
+    (folder / CHECKPOINT_FOLDER / BEST).unlink()
+    (folder / CHECKPOINT_FOLDER / LAST).unlink()  # resume from previous.pt, step 10
+    stale = [folder / ".metrics.json.k1ll3d.tmp", folder / CHECKPOINT_FOLDER / ".last.pt.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    assert invoke("resume", folder).exit_code == 0
+    assert not any(path.exists() for path in stale)
+    assert_same_state(final_state(folder), final_state(reference))
