@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import json
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,31 +174,27 @@ def _claim_run_folder(out: Path, overwrite: bool) -> bool:
     return True
 
 
-class Interrupted(click.ClickException):
-    """A run stopped by a signal: say how to continue; 128 + N is the shell's code for signal N."""
-
-    def __init__(self, message: str, exit_code: int = 130) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+def _stopped(error: KeyboardInterrupt | TrainingStopped, advice: str) -> UserError:
+    """What a stopped run tells the user, with the shell's exit code for the signal."""
+    if isinstance(error, TrainingStopped):
+        return UserError(f"{error}; {advice}.", error.exit_code)
+    return UserError(f"Interrupted; {advice}.", 128 + signal.SIGINT)  # a second Ctrl-C
 
 
 @contextlib.contextmanager
 def _interruptible(run_dir: Path) -> Iterator[None]:
     from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
 
-    saved = any((run_dir / CHECKPOINT_FOLDER).glob("*.pt"))
     try:
         yield
     except (KeyboardInterrupt, TrainingStopped) as error:
-        what = str(error) if isinstance(error, TrainingStopped) else "Interrupted"
-        code = error.exit_code if isinstance(error, TrainingStopped) else 130
-        if saved or any((run_dir / CHECKPOINT_FOLDER).glob("*.pt")):
+        if any((run_dir / CHECKPOINT_FOLDER).glob("*.pt")):
             advice = f"continue from the last checkpoint with `hooktrain resume {run_dir}`"
         else:
             advice = (
                 f"nothing was saved, so `hooktrain resume {run_dir}` starts it from the beginning"
             )
-        raise Interrupted(f"{what}; {advice}.", code) from None
+        raise _stopped(error, advice) from None
 
 
 @main.command()
@@ -284,11 +281,10 @@ def ablate(
             recipe, ablation, out_dir=out, data_dir=data_dir, device=device, echo=click.echo
         )
     except (KeyboardInterrupt, TrainingStopped) as error:
-        what = str(error) if isinstance(error, TrainingStopped) else "Interrupted"
-        raise Interrupted(
-            f"{what}; the finished runs are kept in {out / ABLATION_FILE}: run the same "
-            f"command with --out {out} (or --resume) to do the rest.",
-            error.exit_code if isinstance(error, TrainingStopped) else 130,
+        raise _stopped(
+            error,
+            f"the finished runs are kept in {out / ABLATION_FILE}: run the same command with "
+            f"--out {out} (or --resume) to do the rest",
         ) from None
 
 
