@@ -139,38 +139,29 @@ def _write_checksummed(payload: dict[str, Any], file: BinaryIO) -> None:
     file.write(CHECKSUM_PREFIX + writer.digest.hexdigest().encode())
 
 
-def _checksum_verdict(path: Path) -> str | None:
-    """Why the file's bytes are not what was written, or None when they are.
-
-    Files without a checksum comment pass here; their payload version decides later.
-    """
+def _stored_checksum(path: Path) -> bytes | None:
+    """The SHA-256 hex digest in the file's zip comment; None for a file without one."""
     size = path.stat().st_size
+    if size < _COMMENT_LENGTH + 22:  # 22: the smallest end-of-archive record
+        return None
     with path.open("rb") as file:
-        if size < _COMMENT_LENGTH + 22:
-            return None
         file.seek(size - _COMMENT_LENGTH - 2)
         length, comment = struct.unpack("<H", file.read(2))[0], file.read()
-        if length != _COMMENT_LENGTH or not comment.startswith(CHECKSUM_PREFIX):
-            return None
-        file.seek(0)
-        digest = hashlib.sha256()
-        remaining = size - _COMMENT_LENGTH - 2
-        while remaining:
-            chunk = file.read(min(_CHUNK, remaining))
-            if not chunk:
-                break
+    if length != _COMMENT_LENGTH or not comment.startswith(CHECKSUM_PREFIX):
+        return None
+    return comment[len(CHECKSUM_PREFIX) :]
+
+
+def _archive_checksum(path: Path) -> bytes:
+    """The SHA-256 of the archive as torch wrote it: the file less its comment, length 0."""
+    digest = hashlib.sha256()
+    remaining = path.stat().st_size - _COMMENT_LENGTH - 2
+    with path.open("rb") as file:
+        while remaining > 0 and (chunk := file.read(min(_CHUNK, remaining))):
             digest.update(chunk)
             remaining -= len(chunk)
-        digest.update(b"\x00\x00")  # the comment length as torch wrote it
-    if digest.hexdigest().encode() != comment[len(CHECKSUM_PREFIX) :]:
-        return "its checksum does not match its contents (the file was damaged or cut short)"
-    return None
-
-
-def _has_checksum(path: Path) -> bool:
-    with path.open("rb") as file:
-        file.seek(max(path.stat().st_size - _COMMENT_LENGTH, 0))
-        return file.read().startswith(CHECKSUM_PREFIX)
+    digest.update(b"\x00\x00")
+    return digest.hexdigest().encode()
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
@@ -186,9 +177,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """
     if not path.is_file():
         raise HooktrainError(f"There is no checkpoint at {path}; check the path.")
-    damage = _checksum_verdict(path)
-    if damage is not None:
-        raise CheckpointUnusable(path, damage)
+    stored = _stored_checksum(path)
+    if stored is not None and stored != _archive_checksum(path):
+        raise CheckpointUnusable(
+            path, "its checksum does not match its contents (the file was damaged or cut short)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file fails in many ways; every one means "unusable"
@@ -209,7 +202,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"to {VERSION}",
             "use the hooktrain release that wrote it",
         )
-    if version >= 2 and not _has_checksum(path):
+    if version >= 2 and stored is None:
         raise CheckpointUnusable(
             path, f"it has lost the checksum every version {version} checkpoint carries"
         )

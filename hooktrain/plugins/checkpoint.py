@@ -67,24 +67,28 @@ class Checkpoint(Plugin):
             self.every_steps
             and state.step % self.every_steps == 0
             and state.step % run.steps_per_epoch != 0  # epoch ends are epoch_end's
+            and self._savable(run, state)
         ):
             self._save_last(run, state)
 
     @hookimpl(trylast=True)
     def hooktrain_epoch_end(self, run: RunContext, state: TrainState, report: EpochReport) -> None:
         improved = report.test_accuracy > self.best_accuracy
+        due = state.epoch % self.every == 0 or state.epoch == run.recipe.epochs
+        if not (improved or due) or not self._savable(run, state):
+            return
+        best_saved = False
         if improved:
             self.best_accuracy = report.test_accuracy
-        due = state.epoch % self.every == 0 or state.epoch == run.recipe.epochs
-        # best.pt first: a process killed between the two files leaves the best state on disk
-        # and last.pt one save behind (resume redoes those steps), never a stale best.pt.
-        best_saved = improved and _all_finite(state.params) and self._save(run, state, BEST)
+            # best.pt first: a process killed between the two files leaves the best state on
+            # disk and last.pt one save behind (resume redoes those steps), never a stale best.
+            best_saved = self._save(run, state, BEST)
         if due:
             self._save_last(run, state, self._folder(run) / BEST if best_saved else None)
 
     @hookimpl(trylast=True)
     def hooktrain_fit_stop(self, run: RunContext, state: TrainState) -> None:
-        if state.step != self._saved_step:
+        if state.step != self._saved_step and self._savable(run, state):
             self._save_last(run, state)
 
     @hookimpl(trylast=True)
@@ -100,17 +104,21 @@ class Checkpoint(Plugin):
     def _folder(self, run: RunContext) -> Path:
         return run.out_dir / CHECKPOINT_FOLDER
 
-    def _save_last(self, run: RunContext, state: TrainState, same_as: Path | None = None) -> bool:
-        """Rotate last.pt to previous.pt and save ``state`` as last.pt; whether it was saved.
+    def _savable(self, run: RunContext, state: TrainState) -> bool:
+        """Whether ``state``'s parameters are finite (one host sync); says so when not."""
+        if _all_finite(state.params):
+            return True
+        run.echo(
+            f"warning: step {state.step}'s parameters are not finite numbers, so they were not "
+            f"saved; {self._intact(run)}."
+        )
+        return False
+
+    def _save_last(self, run: RunContext, state: TrainState, same_as: Path | None = None) -> None:
+        """Rotate last.pt to previous.pt and save ``state`` as last.pt.
 
         ``same_as`` is a file already holding ``state``: last.pt then shares its bytes.
         """
-        if not _all_finite(state.params):
-            run.echo(
-                f"warning: step {state.step}'s parameters are not finite numbers, so they were "
-                f"not saved; {self._intact(run)}."
-            )
-            return False
         last = self._last(run)
 
         def rotate_and_save(path: Path) -> None:
@@ -121,10 +129,8 @@ class Checkpoint(Plugin):
             else:
                 save_checkpoint(run.checkpoint_payload(state), path)
 
-        saved = self._write(run, state, LAST, rotate_and_save)
-        if saved:
+        if self._write(run, state, LAST, rotate_and_save):
             self._saved_step = state.step
-        return saved
 
     def _save(self, run: RunContext, state: TrainState, name: str) -> bool:
         return self._write(
