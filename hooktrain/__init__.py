@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from hooktrain.engine.context import BuildContext, EpochReport, RunContext
     from hooktrain.engine.hookspecs import hookimpl
     from hooktrain.engine.loop import train, train_seeds
-    from hooktrain.engine.pieces import DecayRule, GradientTransform, LossFn, LRSchedule
+    from hooktrain.engine.pieces import DecayRule, GradientTransform, LossFn, LRSchedule, Replicas
     from hooktrain.engine.plugin import Plugin
     from hooktrain.engine.recipe import Recipe
     from hooktrain.engine.state import TrainState
@@ -33,6 +33,7 @@ _EXPORTS = {
     "GradientTransform": "hooktrain.engine.pieces",
     "LossFn": "hooktrain.engine.pieces",
     "LRSchedule": "hooktrain.engine.pieces",
+    "Replicas": "hooktrain.engine.pieces",
     "Plugin": "hooktrain.engine.plugin",
     "Recipe": "hooktrain.engine.recipe",
     "TrainState": "hooktrain.engine.state",
@@ -51,6 +52,7 @@ __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
     "GradientTransform",
     "LossFn",
     "LRSchedule",
+    "Replicas",
     "Plugin",
     "Recipe",
     "TrainState",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from hooktrain.engine.distributed import Topology, elastic_restart
 from hooktrain.engine.files import CONFIG_FILE
 from hooktrain.errors import HooktrainError, TrainingStopped
 
@@ -120,15 +121,24 @@ def run(
     overwrite: bool,
     device: str,
 ) -> None:
-    """Train RECIPE (a name from `hooktrain list` or a .py file that assigns `recipe`)."""
+    """Train RECIPE (a name from `hooktrain list` or a .py file that assigns `recipe`).
+
+    Under `torchrun --nproc-per-node N -m hooktrain run ...` the N processes train the run
+    data-parallel and the first writes the run folder; when torchrun restarts them after a
+    failure (--max-restarts), they continue the run in --out from its last checkpoint.
+    """
     from hooktrain.engine.loop import train
     from hooktrain.engine.recipe import apply_overrides, load_recipe
 
     if seed is not None:
         assignments = (*assignments, f"seed={seed}")
     recipe = apply_overrides(load_recipe(recipe_name), assignments, with_plugins, without_plugins)
+    if out is not None and elastic_restart() and (out / CONFIG_FILE).is_file():
+        _continue_run(out, data_dir, device)
+        return
     out = out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    created = _claim_run_folder(out, overwrite)
+    # Under torchrun the first process alone makes and owns the folder.
+    created = _claim_run_folder(out, overwrite) if Topology.from_environment().is_main else False
     try:
         with _interruptible(out):
             train(recipe, out_dir=out, data_dir=data_dir, device=device, echo=click.echo)
@@ -249,6 +259,12 @@ def ablate(
 
     Without --vary, the ablation declared beside the recipe (`ablation = Ablation(...)`) runs.
     """
+    if Topology.from_environment().distributed:
+        raise HooktrainError(
+            "hooktrain ablate does not run under torchrun yet (its cells and summary are "
+            "written by one process); run it in one process, or run each cell with "
+            "`torchrun ... -m hooktrain run`."
+        )
     import attrs
 
     from hooktrain.engine.ablation import ABLATION_FILE, Ablation, Factor, run_ablation
@@ -333,8 +349,13 @@ def resume(run_dir: Path, data_dir: Path | None, device: str | None) -> None:
     """Continue the run in RUN_DIR from its newest usable checkpoint.
 
     A damaged checkpoint is passed over for the newest good one (previous.pt, best.pt); a run
-    killed before its first checkpoint starts again from the beginning.
+    killed before its first checkpoint starts again from the beginning. Under torchrun, with
+    any number of processes.
     """
+    _continue_run(run_dir, data_dir, device)
+
+
+def _continue_run(run_dir: Path, data_dir: Path | None, device: str | None) -> None:
     config = _read_config(run_dir / CONFIG_FILE)  # before importing torch: a typo says so fast
 
     from hooktrain.engine.checkpoints import newest_usable_checkpoint
@@ -350,9 +371,10 @@ def resume(run_dir: Path, data_dir: Path | None, device: str | None) -> None:
             return "it was written by a run with other settings"
         return None
 
-    found = newest_usable_checkpoint(run_dir / CHECKPOINT_FOLDER, belongs, click.echo)
+    echo = click.echo if Topology.from_environment().is_main else lambda line: None
+    found = newest_usable_checkpoint(run_dir / CHECKPOINT_FOLDER, belongs, echo)
     if found is None:
-        click.echo(f"{run_dir} has no checkpoint yet: starting the run from its beginning")
+        echo(f"{run_dir} has no checkpoint yet: starting the run from its beginning")
         payload = None
         saved_config = config
     else:

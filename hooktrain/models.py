@@ -39,15 +39,20 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def hashed_uniform(seed: torch.Tensor, counter: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def hashed_uniform(
+    seed: torch.Tensor, counter: torch.Tensor, shape: torch.Size, shard: int = 0, shards: int = 1
+) -> torch.Tensor:
     """Uniform floats in [0, 1) that are a pure function of ``(seed, counter, position)``.
 
     splitmix64's output function over a Weyl sequence: counter-based, so the same seed and
     counter give the same numbers on any device, alone or inside ``torch.func.vmap`` (where
-    torch's generators cannot follow a seed per vmapped model).
+    torch's generators cannot follow a seed per vmapped model). With ``shards`` > 1, ``shape``
+    is the ``shard``-th of that many equal slices along the first dimension of a larger draw,
+    and the numbers are that slice of it (a data-parallel replica's part of the global batch).
     """
-    positions = torch.arange(shape.numel(), device=seed.device).reshape(shape)
-    z = seed + (counter * shape.numel() + positions + 1) * _GOLDEN_GAMMA
+    numel = shape.numel()
+    positions = torch.arange(shard * numel, (shard + 1) * numel, device=seed.device).reshape(shape)
+    z = seed + (counter * numel * shards + positions + 1) * _GOLDEN_GAMMA
     z = (z ^ _shift_right(z, 30)) * _MIX_1
     z = (z ^ _shift_right(z, 27)) * _MIX_2
     z = z ^ _shift_right(z, 31)
@@ -61,8 +66,12 @@ class Dropout(nn.Module):
     torch's generator when the module is built, so it follows the run's seed) and ``calls``
     (counts training forwards). Being buffers, they are part of the training state: a
     checkpoint resumes the exact masks, and seeds vmapped together draw the masks each would
-    draw alone.
+    draw alone. A data-parallel replica sets ``shard``/``shards`` and draws its part of the
+    global batch's mask, so N processes drop what one process would.
     """
+
+    shard: int = 0
+    shards: int = 1
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
@@ -75,7 +84,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = hashed_uniform(self.seed, self.calls, x.shape) >= self.p
+        keep = hashed_uniform(self.seed, self.calls, x.shape, self.shard, self.shards) >= self.p
         self.calls.add_(1)
         return x * keep.to(x.dtype) / (1 - self.p)
 
@@ -144,6 +153,14 @@ def resnet9(
         Residual(nn.Sequential(block(8 * w, 8 * w), block(8 * w, 8 * w))),
         nn.Sequential(*head),
     )
+
+
+def shard_randomness(model: nn.Module, shard: int, shards: int) -> None:
+    """Make ``model``'s :class:`Dropout` layers draw the ``shard``-th of ``shards`` slices of
+    the global batch's masks: what a data-parallel replica of a process among ``shards`` does."""
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.shard, module.shards = shard, shards
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"resnet9": resnet9}

@@ -315,6 +315,7 @@ def test_cell_recipe_switches_plugins_and_applies_settings(flagship: Recipe) -> 
     name = "grad_clip=on,grad_clip.max=0.2,weight_decay=off,max_lr=0.004"
     recipe = cell_recipe(without_clip, cells[name], toggles)
     assert [p.name for p in recipe.plugins] == [
+        "data_parallel",
         "nan_guard",
         "onecycle",
         "metrics",

@@ -48,7 +48,9 @@ from hooktrain.plugins.grad_clip import GradClip
 from hooktrain.plugins.metrics import METRICS_FILE
 
 FLAGSHIP = "resnet9_cifar10"
-PLUGIN_ORDER = "nan_guard -> onecycle -> weight_decay -> grad_clip -> metrics -> checkpoint"
+PLUGIN_ORDER = (
+    "data_parallel -> nan_guard -> onecycle -> weight_decay -> grad_clip -> metrics -> checkpoint"
+)
 TINY = [
     "--set",
     "width=4",
@@ -213,7 +215,14 @@ def test_without_removes_a_plugin(flagship: Recipe) -> None:
     recipe = apply_overrides(flagship, without_plugins=["grad_clip"])
     assert recipe.plugin("grad_clip") is None
     names = [p.name for p in recipe.plugins]
-    assert names == ["nan_guard", "onecycle", "weight_decay", "metrics", "checkpoint"]
+    assert names == [
+        "data_parallel",
+        "nan_guard",
+        "onecycle",
+        "weight_decay",
+        "metrics",
+        "checkpoint",
+    ]
 
 
 def test_set_on_a_removed_plugin_errors(flagship: Recipe) -> None:
@@ -316,6 +325,7 @@ def test_config_round_trip_through_json() -> None:
     assert decay is not None
     assert decay.include == ("*.weight", "*.bias")
     assert [p.name for p in rebuilt.plugins] == [
+        "data_parallel",
         "nan_guard",
         "weight_decay",
         "grad_clip",
@@ -443,6 +453,7 @@ def test_list_shows_recipes_and_plugins() -> None:
         "label_smoothing",
         "ema",
         "nan_guard",
+        "data_parallel",
         "checkpoint",
         "metrics",
     }

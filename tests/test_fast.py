@@ -134,6 +134,7 @@ def test_fast_recipe_trains_through_the_cli(tiny_cifar: Path, tmp_path: Path) ->
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"]["optimizer"] == "sgd" and config["recipe"]["conv_bias"] is False
     assert [p["name"] for p in config["plugins"]] == [
+        "data_parallel",
         "nan_guard",
         "onecycle",
         "weight_decay",

@@ -69,7 +69,8 @@ class RunContext:
     every plugin's state included; ``echo`` prints a line for the user. ``tags`` are labels the
     caller gave the run (an ablation names its cell and varied settings there). Seeds trained
     together in lockstep are ``lanes`` runs, this one is number ``lane`` (from 0); each has
-    its own folder and plugin instances.
+    its own folder and plugin instances. Under torchrun this process is ``rank`` of
+    ``world_size``, each training a replica of the one model.
     """
 
     recipe: Recipe
@@ -83,6 +84,13 @@ class RunContext:
     tags: dict[str, str] = attrs.field(factory=dict)
     lane: int = 0
     lanes: int = 1
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (rank 0 under torchrun, else always)."""
+        return self.rank == 0
 
     @property
     def total_steps(self) -> int:

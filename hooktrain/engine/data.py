@@ -660,6 +660,8 @@ class DeviceData:
 
     device: torch.device
     batch_size: int
+    shard: int
+    shards: int
     eval_batch_size: int
     pad: int
     pad_mode: str
@@ -689,10 +691,20 @@ class DeviceData:
         channels_last: bool = False,
         train_limit: int | None = None,
         eval_batch_size: int = 1000,
+        shard: int = 0,
+        shards: int = 1,
     ) -> None:
         available = len(dataset.train)
         if batch_size < 1:
             raise HooktrainError(f"Batch size must be at least 1, got {batch_size}.")
+        if batch_size % shards:
+            below = batch_size - batch_size % shards
+            above = below + shards
+            raise HooktrainError(
+                f"The batch size {batch_size} does not split evenly over {shards} processes; "
+                f"set batch_size to a multiple of {shards} (e.g. --set batch_size={above}"
+                f"{f' or {below}' if below else ''}) or start another number of processes."
+            )
         if eval_batch_size < 1:
             raise HooktrainError(f"Eval batch size must be at least 1, got {eval_batch_size}.")
         if train_limit is not None and not batch_size <= train_limit <= available:
@@ -713,6 +725,7 @@ class DeviceData:
 
         self.device = device = torch.device(device)
         self.batch_size = batch_size
+        self.shard, self.shards = shard, shards
         self.eval_batch_size = eval_batch_size
         self.pad = pad
         self.pad_mode = pad_mode
@@ -760,10 +773,15 @@ class DeviceData:
         return EpochPlan(order=packed[0], top=packed[1], left=packed[2], flip=packed[3].bool())
 
     def train_batch(self, plan: EpochPlan, index: int) -> tuple[Tensor, Tensor]:
-        """The `index`-th augmented training batch: (x float32 NCHW, y int64), on the device."""
+        """The `index`-th augmented training batch: (x float32 NCHW, y int64), on the device.
+
+        A data-parallel process gets its shard of it: the `shard`-th of `shards` equal slices.
+        """
         if not 0 <= index < self.steps_per_epoch:
             raise IndexError(f"batch {index} is outside 0..{self.steps_per_epoch - 1}")
-        batch = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        size = self.batch_size // self.shards
+        start = index * self.batch_size + self.shard * size
+        batch = slice(start, start + size)
         order = plan.order[batch]
         images = _crop_flip_gather(
             self.train_images,

@@ -43,6 +43,12 @@ piece must not depend on the seed). Each seed has its own plugin instances and r
 every event is emitted once per seed with that seed's ``run`` and ``state``;
 ``run.lane``/``run.lanes`` tell a plugin which seed of how many it observes.
 
+**Several processes.** Under torchrun every process builds the same pieces and runs every
+event on its replica, whose state is equal in all processes after each step; ``run.rank`` and
+``run.world_size`` say which process of how many observes. Only rank 0 (``run.is_main``) writes
+files: a plugin that writes or prints sets ``main_process_only = True`` and its events run
+there alone.
+
 **Plugin state.** A plugin that keeps state across epochs (a best score, a history) returns it
 from ``state_dict()`` as tensors, numbers, strings, lists and dicts, and takes it back in
 ``load_state_dict(state)``. The engine stores it in every checkpoint under the plugin's *name*
@@ -59,7 +65,13 @@ if TYPE_CHECKING:
     import torch
 
     from hooktrain.engine.context import BuildContext, EpochReport, RunContext
-    from hooktrain.engine.pieces import DecayRule, GradientTransform, LossFn, LRSchedule
+    from hooktrain.engine.pieces import (
+        DecayRule,
+        GradientTransform,
+        LossFn,
+        LRSchedule,
+        Replicas,
+    )
     from hooktrain.engine.state import TrainState
 
 PROJECT = "hooktrain"
@@ -111,6 +123,20 @@ def hooktrain_loss(build: BuildContext) -> LossFn | None:
 
     Without a claimant the loss is cross-entropy. Evaluation always reports cross-entropy, so
     test losses stay comparable across plugins.
+    """
+
+
+@hookspec
+def hooktrain_replicas(build: BuildContext) -> Replicas | None:
+    """Return how data-parallel replicas stay in agreement inside the step. *One claimant.*
+
+    Under torchrun every process trains a replica of the model on its shard of each global
+    batch. The :class:`~hooktrain.engine.pieces.Replicas` answer averages the replicas'
+    gradients before every gradient transform runs (so clipping, guards and decay see the
+    global batch's gradient), and their loss and buffers after it, and may swap the training
+    model's layers (synchronised BatchNorm). The ``data_parallel`` plugin answers when there
+    are several processes and passes (None) in one; a run of several processes without an
+    answer is refused before training, since its replicas would drift apart.
     """
 
 

@@ -17,10 +17,12 @@ import pluggy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
-from hooktrain.engine import checkpoints
+from hooktrain.engine import checkpoints, distributed
 from hooktrain.engine.context import BuildContext, EpochReport, RunContext
 from hooktrain.engine.data import DeviceData, ImageDataset, load_cifar10
+from hooktrain.engine.distributed import Topology
 from hooktrain.engine.files import CONFIG_FILE
 from hooktrain.engine.optim import make_optimizer
 from hooktrain.engine.plugin import (
@@ -44,16 +46,26 @@ from hooktrain.engine.step import (
     constant_schedule,
 )
 from hooktrain.errors import HooktrainError, TrainingStopped
-from hooktrain.models import build_model
+from hooktrain.models import build_model, shard_randomness
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when there is a GPU, else the CPU."""
+def resolve_device(name: str, topology: Topology | None = None) -> torch.device:
+    """``auto`` is CUDA when there is a GPU, else the CPU; under torchrun, each process on a
+    machine takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise HooktrainError("--device cuda was asked for but no CUDA GPU is visible; use cpu.")
-    return torch.device(name)
+    if name != "cuda" or topology is None or not topology.distributed:
+        return torch.device(name)
+    if topology.local_rank >= torch.cuda.device_count():
+        raise HooktrainError(
+            f"This machine has {torch.cuda.device_count()} GPU(s) but torchrun started process "
+            f"{topology.local_rank + 1} on it; pass --nproc-per-node {torch.cuda.device_count()} "
+            "(one process per GPU), or --device cpu."
+        )
+    torch.cuda.set_device(topology.local_rank)
+    return torch.device("cuda", topology.local_rank)
 
 
 def _autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
@@ -68,7 +80,10 @@ def _channels_last(recipe: Recipe, device: torch.device) -> bool:
     )
 
 
-def _device_data(recipe: Recipe, dataset: ImageDataset, device: torch.device) -> DeviceData:
+def _device_data(
+    recipe: Recipe, dataset: ImageDataset, device: torch.device, topology: Topology | None = None
+) -> DeviceData:
+    topology = topology or Topology()
     return DeviceData(
         dataset,
         device,
@@ -81,6 +96,8 @@ def _device_data(recipe: Recipe, dataset: ImageDataset, device: torch.device) ->
         channels_last=_channels_last(recipe, device),
         train_limit=recipe.train_limit,
         eval_batch_size=recipe.eval_batch_size,
+        shard=topology.rank,
+        shards=topology.world_size,
     )
 
 
@@ -127,12 +144,10 @@ def evaluate_checkpoint(
     return evaluate(state, _device_data(recipe, dataset, torch_device).test_batches())
 
 
-def write_config(out_dir: Path, recipe: Recipe, run: dict[str, Any]) -> dict[str, Any]:
-    """Save the resolved configuration in the run folder and return it."""
-    config = {**recipe_to_config(recipe), "run": run}
+def write_config(out_dir: Path, config: dict[str, Any]) -> None:
+    """Save the resolved configuration in the run folder."""
     text = json.dumps(config, indent=2) + "\n"
     checkpoints.atomic_write(out_dir / CONFIG_FILE, lambda file: file.write(text.encode()))
-    return config
 
 
 def _check_compatible(saved: dict[str, Any], model: nn.Module) -> None:
@@ -159,8 +174,9 @@ def compose_pieces(
 ) -> StepPieces:
     """The step's pieces: what the plugins contribute, defaults for what none does."""
     transforms = contributions(manager, "hooktrain_gradient_transform", build=build)
+    replicas = sole_contribution(manager, "hooktrain_replicas", build=build)
     return StepPieces(
-        model=model,
+        model=replicas.train_model(model) if replicas else model,
         optimizer=build.optimizer,
         param_names=build.param_names,
         schedule=sole_contribution(manager, "hooktrain_lr_schedule", build=build)
@@ -169,6 +185,7 @@ def compose_pieces(
         decay=sole_contribution(manager, "hooktrain_weight_decay", build=build),
         loss=sole_contribution(manager, "hooktrain_loss", build=build) or F.cross_entropy,
         autocast_dtype=autocast_dtype,
+        replicas=replicas,
     )
 
 
@@ -297,15 +314,85 @@ def train_seeds(
     """
     if len(out_dirs) != len(seeds) or not seeds:
         raise ValueError("train_seeds needs one out_dir per seed, and at least one seed")
+    topology = Topology.from_environment()
+    if topology.distributed:
+        _check_data_parallel(recipe, seeds)
+    echo = echo if topology.is_main else _quiet
     if resume is not None:
         _check_resumable(recipe, out_dirs, resume, echo)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, topology)
+    backend = "nccl" if torch_device.type == "cuda" else "gloo"
+    with distributed.process_group(topology, backend):
+        try:
+            return _train_lanes(
+                recipe,
+                seeds,
+                out_dirs=out_dirs,
+                data_dir=data_dir,
+                device=device,
+                torch_device=torch_device,
+                topology=topology,
+                resume=resume,
+                stop_after_epoch=stop_after_epoch,
+                echo=echo,
+                tags=tags,
+            )
+        except RuntimeError as error:
+            if not distributed.is_collective_failure(error):
+                raise
+            raise HooktrainError(
+                f"Process {topology.rank} of this run lost contact with the others "
+                f"({type(error).__name__}: {_first_line(error)}): one of them failed or was "
+                "stopped, so the run ends here; torchrun names the process that failed first. "
+                f"Continue from the last checkpoint with `torchrun ... -m hooktrain resume "
+                f"{out_dirs[0]}`."
+            ) from error
+
+
+def _quiet(line: str) -> None:
+    """The echo of processes other than rank 0, which print nothing."""
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def _check_data_parallel(recipe: Recipe, seeds: Sequence[int]) -> None:
+    """A run of several processes can keep its replicas in agreement."""
+    if len(seeds) > 1:
+        raise HooktrainError(
+            "Seeds cannot be trained together under torchrun; train them one after another "
+            "(without --parallel-seeds), or run one torchrun job per seed."
+        )
+    if not call_order(make_plugin_manager(recipe.plugins), "hooktrain_replicas"):
+        raise HooktrainError(
+            f"torchrun started several processes, but the recipe {recipe.name!r} has no plugin "
+            "that keeps their replicas in agreement, so each would train its own model; add "
+            "--with data_parallel."
+        )
+
+
+def _train_lanes(
+    recipe: Recipe,
+    seeds: Sequence[int],
+    *,
+    out_dirs: Sequence[Path],
+    data_dir: Path | None,
+    device: str,
+    torch_device: torch.device,
+    topology: Topology,
+    resume: Sequence[dict[str, Any]] | None,
+    stop_after_epoch: int | None,
+    echo: Callable[[str], None],
+    tags: dict[str, str] | None,
+) -> list[EpochReport]:
+    """:func:`train_seeds` once this process knows its device and its place among processes."""
     together = len(seeds) > 1
     if together:
         recipe = _lockstep_recipe(recipe, torch_device)
     dataset = load_cifar10(data_dir)
     # Seeds differ in initialisation and data order only: one data object serves them all.
-    data = _device_data(recipe, dataset, torch_device)
+    data = _device_data(recipe, dataset, torch_device, topology)
     optimizer = make_optimizer(
         recipe.optimizer,
         betas=recipe.betas,
@@ -315,6 +402,8 @@ def train_seeds(
     )
     autocast_dtype = _autocast_dtype(recipe, torch_device)
     run_info = {"data_dir": str(data_dir.resolve()) if data_dir else None, "device": device}
+    # Every process computes the same events; the main one alone acts on the files.
+    plugins_here = [p for p in recipe.plugins if topology.is_main or not p.main_process_only]
 
     lanes: list[_Lane] = []
     for index, (seed, out_dir) in enumerate(zip(seeds, out_dirs, strict=True)):
@@ -323,6 +412,7 @@ def train_seeds(
             recipe, seed=seed, plugins=tuple(copy.deepcopy(p) for p in recipe.plugins)
         )
         model, eval_model = _models(lane_recipe, len(dataset.classes), torch_device)
+        shard_randomness(model, topology.rank, topology.world_size)
         state = TrainState.create(model, optimizer, seed)
         progress = _EpochProgress(torch.zeros((), device=torch_device))
         if resume is not None:
@@ -337,9 +427,11 @@ def train_seeds(
         if index == 0:
             # The first seed's modules serve as shapes for all: the states hold the numbers.
             shape_model, shape_eval_model = model, eval_model
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoints.remove_stale_temp_files(out_dir)
-        config = write_config(out_dir, lane_recipe, run_info)
+        config = {**recipe_to_config(lane_recipe), "run": run_info}
+        if topology.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            checkpoints.remove_stale_temp_files(out_dir)
+            write_config(out_dir, config)
         run = RunContext(
             recipe=lane_recipe,
             out_dir=out_dir,
@@ -352,8 +444,11 @@ def train_seeds(
             tags=dict(tags or {}),
             lane=index,
             lanes=len(seeds),
+            rank=topology.rank,
+            world_size=topology.world_size,
         )
-        manager = make_plugin_manager(lane_recipe.plugins)
+        names_here = {p.name for p in plugins_here}
+        manager = make_plugin_manager([p for p in lane_recipe.plugins if p.name in names_here])
         lanes.append(_Lane(lane_recipe, manager, run, state, progress))
 
     build = BuildContext(
@@ -364,7 +459,15 @@ def train_seeds(
     )
     # Build hooks contribute pure pieces that do not depend on the seed: the first seed's
     # plugins build the step for all.
-    pieces = compose_pieces(lanes[0].manager, build, shape_model, autocast_dtype)
+    pieces = compose_pieces(
+        make_plugin_manager(lanes[0].recipe.plugins), build, shape_model, autocast_dtype
+    )
+    first = lanes[0].state
+    if topology.distributed:
+        optimizer_tensors = [t for t in tree_leaves(first.opt_state) if isinstance(t, torch.Tensor)]
+        distributed.agree_on_start(
+            first.step, [*first.params.values(), *first.buffers.values(), *optimizer_tensors]
+        )
     if together:
         _check_vmappable(shape_model)
         step_all = build_lane_step(pieces, recipe.compile, recipe.compile_mode)
@@ -376,12 +479,15 @@ def train_seeds(
         evaluate_all = _as_lane_evaluate(
             build_evaluate(shape_eval_model, autocast_dtype, recipe.compile, recipe.tta_flip)
         )
-    first = lanes[0].state
     torch.set_rng_state(first.rng["torch"])
     if "cuda" in first.rng and torch_device.type == "cuda":
         torch.cuda.set_rng_state(first.rng["cuda"], torch_device)
 
     seeds_text = f" x {len(seeds)} seeds together" if together else ""
+    if topology.distributed:
+        seeds_text = (
+            f" ({topology.world_size} processes x {recipe.batch_size // topology.world_size})"
+        )
     echo(
         f"{recipe.name}: {recipe.epochs} epochs x {data.steps_per_epoch} steps of "
         f"{recipe.batch_size}{seeds_text} on {torch_device} ({data.n_train} training images), "

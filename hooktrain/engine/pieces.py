@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import attrs
 import torch
+from torch import nn
 
 LRSchedule = Callable[[torch.Tensor], torch.Tensor]
 """``schedule(step) -> lr``: 0-d int64 step index in, 0-d float learning rate out."""
@@ -29,3 +30,20 @@ class DecayRule:
 
     rate_of: Callable[[str], float]
     decoupled: bool = False
+
+
+@attrs.frozen
+class Replicas:
+    """How the step keeps data-parallel replicas (one per torchrun process) in agreement.
+
+    ``average(tensors)`` returns the tensors' means over the replicas; the step calls it on the
+    gradients, the loss and, when ``average_buffers``, the floating-point buffers (BatchNorm's
+    running statistics), so every replica takes the same update and holds the same state.
+    ``train_model(model)`` returns the module the step calls in training (same parameter and
+    buffer names), e.g. one whose BatchNorm layers use the statistics of the global batch.
+    """
+
+    count: int
+    average: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    average_buffers: bool = True
+    train_model: Callable[[nn.Module], nn.Module] = lambda model: model

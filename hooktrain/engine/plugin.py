@@ -23,6 +23,7 @@ BUILTIN_PLUGINS = {
     "checkpoint": "hooktrain.plugins.checkpoint:Checkpoint",
     "ema": "hooktrain.plugins.ema:EMA",
     "nan_guard": "hooktrain.plugins.nan_guard:NanGuard",
+    "data_parallel": "hooktrain.plugins.data_parallel:DataParallel",
     "metrics": "hooktrain.plugins.metrics:Metrics",
 }
 
@@ -38,6 +39,9 @@ class Plugin:
     """
 
     default_name: ClassVar[str] = ""
+    main_process_only: ClassVar[bool] = False
+    """Under torchrun, whether the plugin's events run only in the main process (rank 0):
+    set it for plugins that write files or print. Build hooks run in every process."""
     name: str = ""
 
     def __attrs_post_init__(self) -> None:

@@ -18,7 +18,7 @@ from hooktrain.engine.optim import (
     apply_decoupled_decay,
     group_by_rate,
 )
-from hooktrain.engine.pieces import DecayRule, GradientTransform, LossFn, LRSchedule
+from hooktrain.engine.pieces import DecayRule, GradientTransform, LossFn, LRSchedule, Replicas
 from hooktrain.engine.state import TrainState
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -49,6 +49,7 @@ class StepPieces:
     decay: DecayRule | None = None
     loss: LossFn = F.cross_entropy
     autocast_dtype: torch.dtype | None = None
+    replicas: Replicas | None = None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -154,6 +155,8 @@ def build_step(pieces: StepPieces, compile: bool = False, compile_mode: str = "d
         y: torch.Tensor,
     ) -> tuple[NamedTensors, NamedTensors, OptState, dict[str, torch.Tensor]]:
         grads, loss, new_buffers = gradients(params, buffers, x, y)
+        if pieces.replicas is not None:
+            grads, loss, new_buffers = _average_replicas(pieces.replicas, grads, loss, new_buffers)
         new_params, new_opt_state, metrics = update(params, grads, opt_state, loss)
         return new_params, new_buffers, new_opt_state, metrics
 
@@ -170,6 +173,21 @@ def build_step(pieces: StepPieces, compile: bool = False, compile_mode: str = "d
         return new_state, metrics
 
     return step
+
+
+def _average_replicas(
+    replicas: Replicas, grads: NamedTensors, loss: torch.Tensor, buffers: NamedTensors
+) -> tuple[NamedTensors, torch.Tensor, NamedTensors]:
+    """Gradients, loss and floating buffers averaged over the data-parallel replicas, in one
+    call so they share the all-reduce buckets."""
+    averaged = [
+        name for name, b in buffers.items() if replicas.average_buffers and b.is_floating_point()
+    ]
+    means = replicas.average([*grads.values(), loss, *(buffers[name] for name in averaged)])
+    count = len(grads)
+    new_grads = dict(zip(grads, means[:count], strict=True))
+    new_buffers = {**buffers, **dict(zip(averaged, means[count + 1 :], strict=True))}
+    return new_grads, means[count], new_buffers
 
 
 def build_lane_step(

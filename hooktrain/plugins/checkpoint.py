@@ -43,6 +43,7 @@ class Checkpoint(Plugin):
     """
 
     default_name = "checkpoint"
+    main_process_only = True
     every: int = setting(1, lambda v: v >= 1, "at least 1")
     every_steps: int = setting(0, lambda v: v >= 0, "0 (off) or more")
     best_accuracy: float = attrs.field(default=-1.0, init=False)

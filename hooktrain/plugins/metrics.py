@@ -44,6 +44,7 @@ class Metrics(Plugin):
     """
 
     default_name = "metrics"
+    main_process_only = True
     log_every: int = setting(25, lambda v: v >= 1, "at least 1")
     tensorboard: bool = True
     progress: bool = True

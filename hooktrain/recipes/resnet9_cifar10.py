@@ -13,6 +13,7 @@ clipping and weight decay are each worth, over three seeds.
 from hooktrain.engine.ablation import Ablation
 from hooktrain.engine.recipe import Recipe
 from hooktrain.plugins.checkpoint import Checkpoint
+from hooktrain.plugins.data_parallel import DataParallel
 from hooktrain.plugins.grad_clip import GradClip
 from hooktrain.plugins.metrics import Metrics
 from hooktrain.plugins.nan_guard import NanGuard
@@ -32,6 +33,7 @@ recipe = Recipe(
     pad_mode="reflect",
     flip=True,
     plugins=(
+        DataParallel(),
         NanGuard(),
         OneCycle(pct_start=0.3),
         WeightDecay(rate=1e-4),

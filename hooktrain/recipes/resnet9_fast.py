@@ -12,6 +12,7 @@ adds an average of the weights.
 
 from hooktrain.engine.recipe import Recipe
 from hooktrain.plugins.checkpoint import Checkpoint
+from hooktrain.plugins.data_parallel import DataParallel
 from hooktrain.plugins.label_smoothing import LabelSmoothing
 from hooktrain.plugins.metrics import Metrics
 from hooktrain.plugins.nan_guard import NanGuard
@@ -34,6 +35,7 @@ recipe = Recipe(
     max_lr=0.4,
     compile=True,
     plugins=(
+        DataParallel(),
         NanGuard(),
         OneCycle(pct_start=0.25, anneal="linear", div_factor=40, final_div_factor=100),
         WeightDecay(rate=5e-4),
