@@ -198,12 +198,13 @@ def _interruptible(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, TrainingStopped) as error:
+        command = "hooktrain resume"
+        if Topology.from_environment().distributed:
+            command = "torchrun ... -m hooktrain resume"
         if any((run_dir / CHECKPOINT_FOLDER).glob("*.pt")):
-            advice = f"continue from the last checkpoint with `hooktrain resume {run_dir}`"
+            advice = f"continue from the last checkpoint with `{command} {run_dir}`"
         else:
-            advice = (
-                f"nothing was saved, so `hooktrain resume {run_dir}` starts it from the beginning"
-            )
+            advice = f"nothing was saved, so `{command} {run_dir}` starts it from the beginning"
         raise _stopped(error, advice) from None
 
 

@@ -7,7 +7,9 @@ data and dropout) are also checked in-process against torch's own implementation
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from hooktrain.errors import HooktrainError
 from hooktrain.models import Dropout, hashed_uniform
 from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
 from hooktrain.plugins.data_parallel import buckets, replica_mean, with_sync_batchnorm
+from hooktrain.plugins.metrics import METRICS_FILE
 
 # Small and quick: 240 images in batches of 40 (2 processes x 20), 6 steps an epoch.
 SMALL = ("--device", "cpu", "--set", "width=8", "--set", "batch_size=40")
@@ -89,6 +92,10 @@ def assert_same_training(got: dict, expected: dict, tolerance: float = 1e-3) -> 
             assert torch.equal(have, want), name
 
 
+def _epochs(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / METRICS_FILE).read_text())["epochs"]
+
+
 def files_of(run_dir: Path) -> list[tuple[str, int]]:
     """(folder, number of files) for every folder of a run: a second writer adds files."""
     counts: dict[str, int] = {}
@@ -106,13 +113,19 @@ def files_of(run_dir: Path) -> list[tuple[str, int]]:
 def test_two_processes_train_what_one_process_trains(tiny_cifar: Path, tmp_path: Path) -> None:
     """Synchronised BatchNorm and sharded dropout: the same numbers as one process, and the
     same files (rank 1 writes none)."""
+    # Test batches of 30: each process evaluates two of the four and the sums are shared.
+    settings = _options("epochs=1", "train_limit=120", "eval_batch_size=30", *COMPARABLE)
     common = ("run", "resnet9_cifar10", "--data-dir", tiny_cifar, *SMALL, *SYNC)
-    common += ("--without", "onecycle", *_options("epochs=1", "train_limit=120", *COMPARABLE))
+    common += ("--without", "onecycle", *settings)
     code, output = finished(torchrun(*common, "--out", tmp_path / "two"))
     assert code == 0, output
     assert "(2 processes x 20)" in output
     run_alone(*common, "--out", tmp_path / "one")
     assert_same_training(final_state(tmp_path / "two"), final_state(tmp_path / "one"))
+    (two,), (one,) = (_epochs(tmp_path / name) for name in ("two", "one"))
+    assert two["test_accuracy"] == one["test_accuracy"]
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     assert files_of(tmp_path / "two") == files_of(tmp_path / "one")
     assert output.count("epoch 1/1  train loss") == 1  # one process prints
 
@@ -216,10 +229,7 @@ def test_a_killed_process_ends_the_job_within_seconds(tiny_cifar: Path, tmp_path
     job = torchrun("run", "resnet9_cifar10", "--data-dir", tiny_cifar, *SMALL,
                    "--set", "epochs=500", "--out", run_dir)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / CHECKPOINT_FOLDER / "last.pt").exists():
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
-            time.sleep(0.2)
+        _wait_for_checkpoint(job, run_dir)
         os.kill(_process_of_rank(job.pid, 1), signal.SIGKILL)
         killed = time.monotonic()
         code, output = finished(job, timeout=120)
@@ -231,6 +241,35 @@ def test_a_killed_process_ends_the_job_within_seconds(tiny_cifar: Path, tmp_path
     assert "rank      : 1" in output and "SIGKILL" in output  # torchrun names the dead process
     assert "lost contact with the others" in output or "Stopped by SIGTERM" in output
     assert load_checkpoint(run_dir / CHECKPOINT_FOLDER / "last.pt")["state"]["step"] > 0
+
+
+def test_sigterm_to_torchrun_saves_where_the_processes_stopped(
+    tiny_cifar: Path, tmp_path: Path
+) -> None:
+    """torchrun passes SIGTERM on; the processes stop after their step in lockstep, rank 0
+    saves there (mid-epoch) and the message says how to continue under torchrun."""
+    run_dir = tmp_path / "run"
+    job = torchrun("run", "resnet9_cifar10", "--data-dir", tiny_cifar, *SMALL,
+                   "--set", "epochs=500", "--out", run_dir)  # fmt: skip
+    try:
+        _wait_for_checkpoint(job, run_dir)
+        job.send_signal(signal.SIGTERM)
+        code, output = finished(job, timeout=120)
+    finally:
+        job.kill()
+    assert code != 0
+    stopped = re.search(r"Stopped by SIGTERM at step (\d+) of 3000", output)
+    assert stopped, output
+    assert f"`torchrun ... -m hooktrain resume {run_dir}`" in output
+    saved = load_checkpoint(run_dir / CHECKPOINT_FOLDER / "last.pt")["state"]
+    assert saved["step"] == int(stopped.group(1))
+
+
+def _wait_for_checkpoint(job: subprocess.Popen, run_dir: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not (run_dir / CHECKPOINT_FOLDER / "last.pt").exists():
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
+        time.sleep(0.2)
 
 
 def _process_of_rank(launcher: int, rank: int) -> int:

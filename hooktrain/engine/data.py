@@ -796,8 +796,13 @@ class DeviceData:
         return x, self.train_labels[order]
 
     def test_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """The whole test split in order, unaugmented, in batches of `eval_batch_size`."""
-        for start in range(0, self.n_test, self.eval_batch_size):
+        """The whole test split in order, unaugmented, in batches of `eval_batch_size`.
+
+        A data-parallel process gets every `shards`-th batch from its `shard`-th on; the
+        processes' sums together cover the split.
+        """
+        step = self.eval_batch_size * self.shards
+        for start in range(self.shard * self.eval_batch_size, self.n_test, step):
             end = start + self.eval_batch_size
             x = normalize(self.test_images[start:end], self.mean, self.std, self.channels_last)
             yield x, self.test_labels[start:end]

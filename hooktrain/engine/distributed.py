@@ -15,10 +15,14 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 
 from hooktrain.errors import HooktrainError
+
+if TYPE_CHECKING:  # torch loads with the engine, not with the command line's --help
+    import torch
 
 # How long a collective waits for the other processes before failing, unless the environment
 # sets HOOKTRAIN_COLLECTIVE_TIMEOUT (seconds). A process that dies is noticed at once (its
@@ -114,7 +118,15 @@ def process_group(topology: Topology, backend: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def agree_on_start(step: int, tensors: list) -> None:
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every process (outside the step: evaluation's totals)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def agree_on_start(step: int, tensors: list[torch.Tensor]) -> None:
     """Make every process start from rank 0's numbers, after checking they are at one step.
 
     Replicas initialised from one seed are equal already; the broadcast makes that a fact

@@ -401,7 +401,11 @@ def _train_lanes(
         nesterov=recipe.nesterov,
     )
     autocast_dtype = _autocast_dtype(recipe, torch_device)
-    run_info = {"data_dir": str(data_dir.resolve()) if data_dir else None, "device": device}
+    run_info = {
+        "data_dir": str(data_dir.resolve()) if data_dir else None,
+        "device": device,
+        "processes": topology.world_size,
+    }
     # Every process computes the same events; the main one alone acts on the files.
     plugins_here = [p for p in recipe.plugins if topology.is_main or not p.main_process_only]
 
@@ -477,7 +481,13 @@ def _train_lanes(
     else:
         step_all = _as_lane_step(build_step(pieces, recipe.compile, recipe.compile_mode))
         evaluate_all = _as_lane_evaluate(
-            build_evaluate(shape_eval_model, autocast_dtype, recipe.compile, recipe.tta_flip)
+            build_evaluate(
+                shape_eval_model,
+                autocast_dtype,
+                recipe.compile,
+                recipe.tta_flip,
+                distributed.sum_over_processes if topology.distributed else None,
+            )
         )
     torch.set_rng_state(first.rng["torch"])
     if "cuda" in first.rng and torch_device.type == "cuda":

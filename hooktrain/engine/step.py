@@ -278,12 +278,17 @@ def _batch_sums(
     return batch_sums
 
 
+SumOverProcesses = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the data-parallel processes (each evaluated its share of the batches)."""
+
+
 @torch.no_grad()
 def _evaluations(
     core: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     params: NamedTensors,
     buffers: NamedTensors,
     batches: Iterable[Batch],
+    sum_over_processes: SumOverProcesses | None = None,
 ) -> list[Evaluation]:
     """Sum over the batches on the device, then one host sync; a list of one per lane."""
     loss_sum = correct = count = 0
@@ -292,6 +297,14 @@ def _evaluations(
         loss_sum = loss_sum + batch_loss
         correct = correct + batch_correct
         count += len(y)
+    if sum_over_processes is not None:  # called by every process, even one with no batch
+        device = next(iter(params.values())).device
+        sums = sum_over_processes(
+            torch.stack(
+                [torch.as_tensor(v, device=device).double() for v in (loss_sum, correct, count)]
+            )
+        )
+        loss_sum, correct, count = sums[0], sums[1], int(sums[2])
     if count == 0:
         return [Evaluation(float("nan"), float("nan"))]
     losses = torch.as_tensor(loss_sum).reshape(-1).tolist()
@@ -307,14 +320,16 @@ def build_evaluate(
     autocast_dtype: torch.dtype | None,
     compile: bool = False,
     tta_flip: bool = False,
+    sum_over_processes: SumOverProcesses | None = None,
 ) -> Callable[[TrainState, Iterable[Batch]], Evaluation]:
     """``evaluate(state, batches) -> Evaluation`` with the model in eval mode; ``tta_flip``
-    averages the logits of each image and its mirror image."""
+    averages the logits of each image and its mirror image. Data-parallel processes each pass
+    their share of the batches and ``sum_over_processes``; all get the whole split's figures."""
     batch_sums = _batch_sums(eval_model, autocast_dtype, tta_flip)
     core = torch.compile(batch_sums) if compile else batch_sums
 
     def evaluate(state: TrainState, batches: Iterable[Batch]) -> Evaluation:
-        return _evaluations(core, state.params, state.buffers, batches)[0]
+        return _evaluations(core, state.params, state.buffers, batches, sum_over_processes)[0]
 
     return evaluate
 
