@@ -561,7 +561,8 @@ def test_run_writes_config(finished_run: FinishedRun) -> None:
     assert recipe["eval_batch_size"] == 100
     assert recipe["seed"] == 3  # from --seed
     assert recipe["dropout"] == 0.2  # from the recipe, not the Recipe default
-    assert config["run"] == {"data_dir": str(finished_run.data_dir), "device": "cpu"}
+    run = {"data_dir": str(finished_run.data_dir), "device": "cpu", "processes": 1}
+    assert config["run"] == run
     plugins = {p["name"]: p["settings"] for p in config["plugins"]}
     assert list(plugins) == PLUGIN_ORDER.split(" -> ")
     assert plugins["grad_clip"] == {"max": 0.05, "mode": "value"}

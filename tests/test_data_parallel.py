@@ -47,10 +47,11 @@ SYNC = ("--set", "data_parallel.sync_batchnorm=true")
 COMPARABLE = ("conv_bias=false", "optimizer=sgd", "max_lr=0.002", "dropout=0.2")
 
 
-def torchrun(*args: object, processes: int = 2, timeout: float = 300) -> subprocess.Popen:
+def torchrun(*args: object, processes: int = 2, restarts: int = 0) -> subprocess.Popen:
     """A torchrun job of ``hooktrain ARGS`` on this machine, started and not waited for."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={processes}", "-m", "hooktrain", *map(str, args)]
+    command += [f"--nproc-per-node={processes}", f"--max-restarts={restarts}"]
+    command += ["-m", "hooktrain", *map(str, args)]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -241,6 +242,25 @@ def test_a_killed_process_ends_the_job_within_seconds(tiny_cifar: Path, tmp_path
     assert "rank      : 1" in output and "SIGKILL" in output  # torchrun names the dead process
     assert "lost contact with the others" in output or "Stopped by SIGTERM" in output
     assert load_checkpoint(run_dir / CHECKPOINT_FOLDER / "last.pt")["state"]["step"] > 0
+
+
+def test_torchrun_restarts_continue_the_run(tiny_cifar: Path, tmp_path: Path) -> None:
+    """With --max-restarts, a killed process makes torchrun restart the job, and the
+    restarted processes continue the run in --out from its last checkpoint to the end."""
+    run_dir = tmp_path / "run"
+    job = torchrun("run", "resnet9_cifar10", "--data-dir", tiny_cifar, *SMALL,
+                   "--set", "epochs=40", "--out", run_dir, restarts=1)  # fmt: skip
+    try:
+        _wait_for_checkpoint(job, run_dir)
+        os.kill(_process_of_rank(job.pid, 1), signal.SIGKILL)
+        code, output = finished(job, timeout=300)
+    finally:
+        job.kill()
+    assert code == 0, output
+    assert f"resuming {run_dir} at step" in output
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    assert metrics["finished"] and [e["epoch"] for e in metrics["epochs"]] == list(range(1, 41))
+    assert final_state(run_dir)["step"] == 40 * 6
 
 
 def test_sigterm_to_torchrun_saves_where_the_processes_stopped(

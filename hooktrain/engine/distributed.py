@@ -111,7 +111,18 @@ def process_group(topology: Topology, backend: str) -> Iterator[None]:
     if dist.is_initialized():  # a caller (a test, a notebook) set one up: it owns it
         yield
         return
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout()))
+    timeout = datetime.timedelta(seconds=collective_timeout())
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    # torchrun's store outlives a restart (--max-restarts): keys of each attempt apart, or a
+    # restarted process reads the address a dead one published.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"hooktrain/attempt_{attempt}", store),
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+    )
     try:
         yield
     finally:

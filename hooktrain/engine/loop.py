@@ -406,8 +406,6 @@ def _train_lanes(
         "device": device,
         "processes": topology.world_size,
     }
-    # Every process computes the same events; the main one alone acts on the files.
-    plugins_here = [p for p in recipe.plugins if topology.is_main or not p.main_process_only]
 
     lanes: list[_Lane] = []
     for index, (seed, out_dir) in enumerate(zip(seeds, out_dirs, strict=True)):
@@ -451,8 +449,10 @@ def _train_lanes(
             rank=topology.rank,
             world_size=topology.world_size,
         )
-        names_here = {p.name for p in plugins_here}
-        manager = make_plugin_manager([p for p in lane_recipe.plugins if p.name in names_here])
+        # Every process runs the same events; only the main one runs those that write files.
+        manager = make_plugin_manager(
+            [p for p in lane_recipe.plugins if topology.is_main or not p.main_process_only]
+        )
         lanes.append(_Lane(lane_recipe, manager, run, state, progress))
 
     build = BuildContext(
