@@ -43,7 +43,6 @@ class Replicas:
     buffer names), e.g. one whose BatchNorm layers use the statistics of the global batch.
     """
 
-    count: int
     average: Callable[[list[torch.Tensor]], list[torch.Tensor]]
     average_buffers: bool = True
     train_model: Callable[[nn.Module], nn.Module] = lambda model: model

@@ -170,6 +170,7 @@ def with_sync_batchnorm(model: nn.Module, group: dist.ProcessGroup) -> nn.Module
     model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # The same object with the same tensors, so names and state stay BatchNorm's.
             module.__class__ = SyncBatchNorm
             module.group = group
     return model
@@ -192,13 +193,11 @@ class DataParallel(Plugin):
         if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
             return None
         group = dist.group.WORLD
-        sync = self.sync_batchnorm
+        average = replica_mean(group, int(self.bucket_mb * MEGABYTE))
+        if not self.sync_batchnorm:
+            return Replicas(average)
         return Replicas(
-            count=dist.get_world_size(),
-            average=replica_mean(group, int(self.bucket_mb * MEGABYTE)),
-            # Synchronised statistics are equal on every replica already.
-            average_buffers=not sync,
-            train_model=(lambda model: with_sync_batchnorm(model, group))
-            if sync
-            else (lambda model: model),
+            average,
+            average_buffers=False,  # synchronised statistics are equal everywhere already
+            train_model=lambda model: with_sync_batchnorm(model, group),
         )
