@@ -372,7 +372,7 @@ def _continue_run(run_dir: Path, data_dir: Path | None, device: str | None) -> N
             return "it was written by a run with other settings"
         return None
 
-    echo = click.echo if Topology.from_environment().is_main else lambda line: None
+    echo = Topology.from_environment().echo(click.echo)
     found = newest_usable_checkpoint(run_dir / CHECKPOINT_FOLDER, belongs, echo)
     if found is None:
         echo(f"{run_dir} has no checkpoint yet: starting the run from its beginning")

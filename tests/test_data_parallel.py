@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from click.testing import CliRunner
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from hooktrain.cli import main
 from hooktrain.engine.checkpoints import load_checkpoint
@@ -185,20 +186,9 @@ def test_processes_hold_one_state_with_per_process_batchnorm(
     for state in ranks:
         for kind in ("params", "buffers", "opt_state"):
             assert torch.equal(
-                torch.cat([t.flatten().double() for t in _tensors(state[kind])]),
-                torch.cat([t.flatten().double() for t in _tensors(saved[kind])]),
+                torch.cat([t.flatten().double() for t in tree_leaves(state[kind])]),
+                torch.cat([t.flatten().double() for t in tree_leaves(saved[kind])]),
             ), kind
-
-
-def _tensors(tree: object) -> Iterator[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            yield from _tensors(value)
-    elif isinstance(tree, list | tuple):
-        for value in tree:
-            yield from _tensors(value)
 
 
 def test_a_run_resumes_with_another_number_of_processes(tiny_cifar: Path, tmp_path: Path) -> None:

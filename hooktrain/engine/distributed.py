@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -49,6 +49,11 @@ class Topology:
         """Whether this process writes the run's files and prints its progress (rank 0)."""
         return self.rank == 0
 
+    def echo(self, echo: Callable[[str], None]) -> Callable[[str], None]:
+        """``echo`` in the main process; elsewhere a function that prints nothing, so a run
+        of N processes prints each line once."""
+        return echo if self.is_main else _print_nothing
+
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Topology:
         """The topology torchrun's environment variables describe (one process without them)."""
@@ -68,6 +73,10 @@ class Topology:
                 "start hooktrain with torchrun, or unset RANK and WORLD_SIZE."
             )
         return cls(rank, world_size, local_rank)
+
+
+def _print_nothing(line: str) -> None:
+    """The echo of the processes other than rank 0."""
 
 
 def elastic_restart() -> bool:

@@ -51,7 +51,7 @@ from hooktrain.models import build_model, shard_randomness
 
 def resolve_device(name: str, topology: Topology | None = None) -> torch.device:
     """``auto`` is CUDA when there is a GPU, else the CPU; under torchrun, each process on a
-    machine takes the GPU of its local rank."""
+    machine takes the GPU of its local rank and makes it the current device (NCCL wants it)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -317,7 +317,7 @@ def train_seeds(
     topology = Topology.from_environment()
     if topology.distributed:
         _check_data_parallel(recipe, seeds)
-    echo = echo if topology.is_main else _quiet
+    echo = topology.echo(echo)
     if resume is not None:
         _check_resumable(recipe, out_dirs, resume, echo)
     torch_device = resolve_device(device, topology)
@@ -347,10 +347,6 @@ def train_seeds(
                 f"Continue from the last checkpoint with `torchrun ... -m hooktrain resume "
                 f"{out_dirs[0]}`."
             ) from error
-
-
-def _quiet(line: str) -> None:
-    """The echo of processes other than rank 0, which print nothing."""
 
 
 def _first_line(error: BaseException) -> str:
