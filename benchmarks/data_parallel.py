@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from hooktrain.engine.loop import resolve_device
+from hooktrain.engine.build import resolve_device
 from hooktrain.engine.recipe import Recipe, apply_overrides, load_recipe
 from hooktrain.errors import HooktrainError
 from hooktrain.plugins.metrics import METRICS_FILE

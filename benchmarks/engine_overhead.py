@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hooktrain.engine.build import compose_pieces
 from hooktrain.engine.context import BuildContext
-from hooktrain.engine.loop import compose_pieces
 from hooktrain.engine.optim import make_optimizer
 from hooktrain.engine.plugin import make_plugin_manager
 from hooktrain.engine.recipe import Recipe

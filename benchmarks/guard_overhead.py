@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from hooktrain.engine.loop import resolve_device, train
+from hooktrain.engine.build import resolve_device
+from hooktrain.engine.loop import train
 from hooktrain.engine.recipe import Recipe, apply_overrides, load_recipe
 from hooktrain.plugins.metrics import METRICS_FILE
 

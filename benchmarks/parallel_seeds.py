@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from hooktrain.engine.loop import resolve_device, train, train_seeds
+from hooktrain.engine.build import resolve_device
+from hooktrain.engine.loop import train, train_seeds
 from hooktrain.engine.recipe import apply_overrides, load_recipe
 
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]

@@ -39,9 +39,11 @@ from typing import Any
 
 import torch
 
-from hooktrain.engine.data import ImageDataset, load_cifar10
-from hooktrain.engine.loop import resolve_device, train
+from hooktrain.engine.build import resolve_device
+from hooktrain.engine.data import ImageDataset
+from hooktrain.engine.loop import train
 from hooktrain.engine.recipe import Recipe, apply_overrides, load_recipe
+from hooktrain.engine.sources import load_cifar10
 from hooktrain.errors import HooktrainError
 
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]

@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# The one place the version is written: pyproject.toml reads it from here (setuptools' dynamic
+# version), so a checkout on PYTHONPATH and an installed copy say the same.
+__version__ = "0.1.0"
+
 if TYPE_CHECKING:
     from hooktrain.engine.ablation import Ablation, run_ablation
     from hooktrain.engine.context import BuildContext, EpochReport, RunContext

@@ -2,4 +2,5 @@
 
 from hooktrain.cli import main
 
-main()
+# Named as typed at a shell, not "python -m hooktrain", in usage lines and error advice.
+main(prog_name="hooktrain")

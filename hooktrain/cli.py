@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -18,8 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from hooktrain import __version__
 from hooktrain.engine.distributed import Topology, elastic_restart
-from hooktrain.engine.files import CONFIG_FILE
+from hooktrain.engine.files import (
+    CONFIG_FILE,
+    read_json,
+    recipe_file_needed,
+    resume_command,
+)
+from hooktrain.engine.folder import claim_run_folder, hold_run_folder
+from hooktrain.engine.signals import Interrupted, interrupt_on_signals
 from hooktrain.errors import HooktrainError, TrainingStopped
 
 if TYPE_CHECKING:  # the commands import the engine when they run, not at --help
@@ -42,7 +48,14 @@ class UserError(click.ClickException):
 class _Commands(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with interrupt_on_signals():
+                return super().invoke(ctx)
+        except KeyboardInterrupt as error:  # outside training: click would say "Aborted!"
+            if ctx.invoked_subcommand in ("run", "resume", "ablate"):
+                raise _stopped(
+                    error, "nothing was saved, so run the same command again", _BEFORE_TRAINING
+                ) from None
+            raise _stopped(error, "nothing was changed") from None
         except HooktrainError as error:
             raise UserError(str(error), error.exit_code) from error
         except click.UsageError as error:
@@ -63,10 +76,11 @@ def _data_dir_option(function: Any) -> Any:
     )(function)
 
 
-def _device_option(function: Any) -> Any:
+def _device_option(purpose: str) -> Any:
+    """``--device``, for a command that does ``purpose`` ("train", "evaluate") there."""
     return click.option(
-        "--device", type=DEVICES, default="auto", show_default=True, help="Where to train."
-    )(function)
+        "--device", type=DEVICES, default="auto", show_default=True, help=f"Where to {purpose}."
+    )
 
 
 def _override_options(function: Any) -> Any:
@@ -78,7 +92,12 @@ def _override_options(function: Any) -> Any:
         help="Drop one of the recipe's plugins.",
     )(function)
     function = click.option(
-        "--with", "with_plugins", multiple=True, metavar="PLUGIN", help="Add a plugin."
+        "--with",
+        "with_plugins",
+        multiple=True,
+        metavar="PLUGIN",
+        help="Add a plugin: after the recipe's plugins, but before the metrics and checkpoint "
+        "that end the list (they record and save what the others did; added back, they go last).",
     )(function)
     return click.option(
         "--set",
@@ -90,6 +109,7 @@ def _override_options(function: Any) -> Any:
 
 
 @click.group(cls=_Commands)
+@click.version_option(__version__, prog_name="hooktrain")
 def main() -> None:
     """hooktrain: functional, plugin-driven training for PyTorch."""
 
@@ -109,7 +129,7 @@ def main() -> None:
     is_flag=True,
     help="Replace the run already in --out (its checkpoints, logs and metrics are deleted).",
 )
-@_device_option
+@_device_option("train")
 def run(
     recipe_name: str,
     assignments: tuple[str, ...],
@@ -128,67 +148,40 @@ def run(
     failure (--max-restarts), they continue the run in --out from its last checkpoint.
     """
     from hooktrain.engine.loop import train
-    from hooktrain.engine.recipe import apply_overrides, load_recipe
+    from hooktrain.engine.recipe import apply_overrides, load_recipe_module
 
     if seed is not None:
         assignments = (*assignments, f"seed={seed}")
-    recipe = apply_overrides(load_recipe(recipe_name), assignments, with_plugins, without_plugins)
+    base, module = load_recipe_module(recipe_name)
+    recipe = apply_overrides(base, assignments, with_plugins, without_plugins)
     if out is not None and elastic_restart() and (out / CONFIG_FILE).is_file():
-        _continue_run(out, data_dir, device)
+        _continue_run(out, data_dir, device, module if recipe.source else None)
         return
     out = out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Under torchrun the first process alone makes and owns the folder.
-    created = _claim_run_folder(out, overwrite) if Topology.from_environment().is_main else False
-    try:
-        with _interruptible(out):
-            train(recipe, out_dir=out, data_dir=data_dir, device=device, echo=click.echo)
-    except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()  # a run that failed before writing anything leaves no trace
-        raise
+    is_main = Topology.from_environment().is_main
+    claim = claim_run_folder(out, overwrite) if is_main else contextlib.nullcontext()
+    with claim, _interruptible(out):
+        train(recipe, out_dir=out, data_dir=data_dir, device=device, echo=click.echo)
 
 
-def _claim_run_folder(out: Path, overwrite: bool) -> bool:
-    """Make sure a new run writes into an empty folder, emptying a run folder if asked.
+_BEFORE_TRAINING = " before training started"
 
-    Returns whether the folder was made here.
+
+def _stopped(error: KeyboardInterrupt | TrainingStopped, advice: str, when: str = "") -> UserError:
+    """What a stopped run tells the user, with the shell's exit code for the signal.
+
+    ``when`` says when a signal that came outside training came.
     """
-    from hooktrain.engine.checkpoints import holds_only_stale_temp_files, remove_stale_temp_files
-
-    if out.exists() and not out.is_dir():
-        raise HooktrainError(f"--out {out} is a file, not a folder; pass a folder for the run.")
-    if not out.exists():
-        try:
-            out.mkdir(parents=True)
-        except OSError as error:
-            raise HooktrainError(
-                f"Cannot make the run folder {out} ({error.strerror or error}); pass another --out."
-            ) from error
-        return True
-    if holds_only_stale_temp_files(out):  # a run killed while writing its first file
-        remove_stale_temp_files(out)
-        return False
-    if not overwrite:
-        raise HooktrainError(
-            f"The run folder {out} is not empty; pass another --out, continue that run with "
-            f"`hooktrain resume {out}`, or replace it with --overwrite."
-        )
-    if not (out / CONFIG_FILE).is_file():
-        # Never delete a folder hooktrain did not make (a typo in --out could name $HOME).
-        raise HooktrainError(
-            f"{out} holds files but no hooktrain run ({CONFIG_FILE} is missing), so --overwrite "
-            "leaves it alone; pass another --out."
-        )
-    shutil.rmtree(out)
-    out.mkdir()
-    return True
-
-
-def _stopped(error: KeyboardInterrupt | TrainingStopped, advice: str) -> UserError:
-    """What a stopped run tells the user, with the shell's exit code for the signal."""
     if isinstance(error, TrainingStopped):
         return UserError(f"{error}; {advice}.", error.exit_code)
-    return UserError(f"Interrupted; {advice}.", 128 + signal.SIGINT)  # a second Ctrl-C
+    if not isinstance(error, Interrupted):  # raised by code, not by a signal
+        return UserError(f"Interrupted; {advice}.", 128 + signal.SIGINT)
+    if error.second:
+        return UserError(
+            f"Stopped at once by a second {error.name}; {advice}.", 128 + error.signal_number
+        )
+    return UserError(f"Interrupted by {error.name}{when}; {advice}.", 128 + error.signal_number)
 
 
 @contextlib.contextmanager
@@ -198,14 +191,16 @@ def _interruptible(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except (KeyboardInterrupt, TrainingStopped) as error:
-        command = "hooktrain resume"
-        if Topology.from_environment().distributed:
-            command = "torchrun ... -m hooktrain resume"
+        command = resume_command(
+            run_dir, _config_if_readable(run_dir), Topology.from_environment().distributed
+        )
         if any((run_dir / CHECKPOINT_FOLDER).glob("*.pt")):
-            advice = f"continue from the last checkpoint with `{command} {run_dir}`"
-        else:
-            advice = f"nothing was saved, so `{command} {run_dir}` starts it from the beginning"
-        raise _stopped(error, advice) from None
+            advice = f"continue from the last checkpoint with `{command}`"
+        elif (run_dir / CONFIG_FILE).is_file():
+            advice = f"nothing was saved, so `{command}` starts it from the beginning"
+        else:  # `run` removes the folder it made
+            advice = "nothing was saved, so run the same command again"
+        raise _stopped(error, advice, _BEFORE_TRAINING) from None
 
 
 @main.command()
@@ -241,7 +236,7 @@ def _interruptible(run_dir: Path) -> Iterator[None]:
     is_flag=True,
     help="Continue --out, or the newest ablation under runs/ that has these settings.",
 )
-@_device_option
+@_device_option("train")
 def ablate(
     recipe_name: str,
     vary: tuple[str, ...],
@@ -269,7 +264,7 @@ def ablate(
     import attrs
 
     from hooktrain.engine.ablation import ABLATION_FILE, Ablation, Factor, run_ablation
-    from hooktrain.engine.recipe import apply_overrides, load_recipe_module, parse_assignment
+    from hooktrain.engine.recipe import load_recipe_module
 
     base, module = load_recipe_module(recipe_name)
     factors = [Factor.parse(text) for text in vary]
@@ -285,9 +280,7 @@ def ablate(
         )
     changes = {"mode": mode, "seeds": seeds, "parallel_seeds": parallel_seeds}
     ablation = attrs.evolve(ablation, **{k: v for k, v in changes.items() if v is not None})
-    fixed = {parse_assignment(text)[0] for text in assignments}
-    ablation.check_fixed(fixed | set(with_plugins) | set(without_plugins))
-    recipe = apply_overrides(base, assignments, with_plugins, without_plugins)
+    recipe = ablation.fixed_recipe(base, assignments, with_plugins, without_plugins)
     if out is None and resume:
         out = _newest_ablation(recipe, ablation)
     if resume and not (out / ABLATION_FILE).is_file():
@@ -336,58 +329,110 @@ def list_() -> None:
         click.echo(f"  {name:<20} {first_line(cls)}")
 
 
+def _config_if_readable(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return _read_config(run_dir / CONFIG_FILE)
+    except HooktrainError:
+        return None
+
+
 def _data_dir_of(config: dict[str, Any], given: Path | None) -> Path | None:
     """``--data-dir`` if given, else the folder the run trained on."""
-    saved = config["run"]["data_dir"]
-    return given or (Path(saved) if saved else None)
+    run_info = config.get("run")
+    saved = run_info.get("data_dir") if isinstance(run_info, dict) else None
+    return given or (Path(saved) if isinstance(saved, str) and saved else None)
+
+
+def _recipe_option(function: Any) -> Any:
+    return click.option(
+        "--recipe",
+        "recipe_file",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="The recipe file the run was started with, when plugins it defines are used "
+        "(a recipe file's code runs only when you name it).",
+    )(function)
+
+
+def _recipe_module(recipe_file: Path | None, config: dict[str, Any]) -> Any:
+    """The module of the recipe file the user named, or a sentence asking for the one needed."""
+    from hooktrain.engine.recipe import load_recipe_module
+
+    if recipe_file is not None:
+        if recipe_file.suffix != ".py":
+            raise HooktrainError(f"--recipe {recipe_file}: a recipe file ends in .py.")
+        return load_recipe_module(str(recipe_file))[1]
+    needed = recipe_file_needed(config)
+    if needed is not None:
+        raise HooktrainError(
+            f"This run uses plugins defined in its recipe file {needed}; name it with "
+            f"--recipe {needed} (a recipe file's code runs only when you name it)."
+        )
+    return None
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
 @_data_dir_option
 @click.option("--device", type=DEVICES, help="Where to train (default: as the run was started).")
-def resume(run_dir: Path, data_dir: Path | None, device: str | None) -> None:
+@_recipe_option
+def resume(
+    run_dir: Path, data_dir: Path | None, device: str | None, recipe_file: Path | None
+) -> None:
     """Continue the run in RUN_DIR from its newest usable checkpoint.
 
     A damaged checkpoint is passed over for the newest good one (previous.pt, best.pt); a run
     killed before its first checkpoint starts again from the beginning. Under torchrun, with
-    any number of processes.
+    any number of processes. A finished run is never trained again.
     """
-    _continue_run(run_dir, data_dir, device)
-
-
-def _continue_run(run_dir: Path, data_dir: Path | None, device: str | None) -> None:
     config = _read_config(run_dir / CONFIG_FILE)  # before importing torch: a typo says so fast
+    # A run another process is training is refused before its checkpoints are read.
+    is_main = Topology.from_environment().is_main
+    with hold_run_folder(run_dir) if is_main else contextlib.nullcontext():
+        _continue_run(run_dir, data_dir, device, _recipe_module(recipe_file, config))
+
+
+def _continue_run(
+    run_dir: Path, data_dir: Path | None, device: str | None, recipe_module: Any = None
+) -> None:
+    config = _read_config(run_dir / CONFIG_FILE)
+    if config["run"].get("finished") is True:
+        epochs = config["recipe"].get("epochs")
+        raise HooktrainError(
+            f"The run in {run_dir} has finished (epoch {epochs} of {epochs}); there is nothing "
+            "to resume: start a new one with `hooktrain run`."
+        )
 
     from hooktrain.engine.checkpoints import newest_usable_checkpoint
+    from hooktrain.engine.config import recipe_from_config
     from hooktrain.engine.loop import train
-    from hooktrain.engine.recipe import recipe_from_config
+    from hooktrain.engine.saved import checkpoint_problem
     from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
+
+    recipe = recipe_from_config(config, recipe_module)
 
     def belongs(payload: dict[str, Any]) -> str | None:
         saved = payload["config"]
         if payload["recipe"] != config["recipe"].get("name"):
             return f"it was written by the recipe {payload['recipe']!r}, not this run's"
-        if (saved.get("recipe"), saved.get("plugins")) != (config["recipe"], config["plugins"]):
+        if not isinstance(saved, dict) or (saved.get("recipe"), saved.get("plugins")) != (
+            config["recipe"],
+            config["plugins"],
+        ):
             return "it was written by a run with other settings"
-        return None
+        return checkpoint_problem(payload, recipe, config["run"])
 
     echo = Topology.from_environment().echo(click.echo)
     found = newest_usable_checkpoint(run_dir / CHECKPOINT_FOLDER, belongs, echo)
     if found is None:
         echo(f"{run_dir} has no checkpoint yet: starting the run from its beginning")
-        payload = None
-        saved_config = config
-    else:
-        payload = found[1]
-        saved_config = payload["config"]
+    saved_device = config["run"].get("device")
     with _interruptible(run_dir):
         train(
-            recipe_from_config(saved_config),
+            recipe,
             out_dir=run_dir,
-            data_dir=_data_dir_of(saved_config, data_dir),
-            device=device or saved_config["run"]["device"],
-            resume=payload,
+            data_dir=_data_dir_of(config, data_dir),
+            device=device or (saved_device if saved_device in DEVICES.choices else "auto"),
+            resume=None if found is None else found[1],
             echo=click.echo,
         )
 
@@ -400,13 +445,13 @@ def _read_config(path: Path) -> dict[str, Any]:
             "`hooktrain run --out` wrote."
         )
     try:
-        config = json.loads(path.read_text())
+        config = read_json(path)
         if not isinstance(config, dict) or not all(
             isinstance(config.get(key), kind)
             for key, kind in (("recipe", dict), ("plugins", list), ("run", dict))
         ):
             raise ValueError("the recipe, plugins or run section is missing")
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except ValueError as error:
         raise HooktrainError(
             f"{path} is damaged ({type(error).__name__}: {error}); restore it from a copy, or "
             "start the run again with `hooktrain run ... --overwrite`."
@@ -417,14 +462,18 @@ def _read_config(path: Path) -> dict[str, Any]:
 @main.command(name="eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path, dir_okay=False))
 @_data_dir_option
-@_device_option
-def eval_(checkpoint: Path, data_dir: Path | None, device: str) -> None:
+@_device_option("evaluate")
+@_recipe_option
+def eval_(checkpoint: Path, data_dir: Path | None, device: str, recipe_file: Path | None) -> None:
     """Test accuracy of a CHECKPOINT on the test images."""
+    from hooktrain.engine.build import evaluate_checkpoint
     from hooktrain.engine.checkpoints import load_checkpoint
-    from hooktrain.engine.loop import evaluate_checkpoint
 
     payload = load_checkpoint(checkpoint)
-    result = evaluate_checkpoint(payload, _data_dir_of(payload["config"], data_dir), device)
+    config = payload["config"] if isinstance(payload["config"], dict) else {}
+    result = evaluate_checkpoint(
+        payload, _data_dir_of(config, data_dir), device, _recipe_module(recipe_file, config)
+    )
     click.echo(
         f"{checkpoint}: test accuracy {result.accuracy:.2%}, test loss {result.loss:.4f} "
         f"({payload['recipe']}, epoch {payload['state']['epoch']})"

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from click.testing import Result
 
+from hooktrain import models
+from hooktrain.engine import data as engine_data
+
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
 
 
@@ -87,3 +90,17 @@ def assert_user_error(result: Result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in line, line
     return line
+
+
+@pytest.fixture
+def float64_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs started in this test train in float64: the model's tensors and the batches.
+
+    Float32 comparisons between two code paths (vmapped and one-by-one seeds, compiled and
+    eager) cannot be tight on every CPU: a ReLU input or two max-pool inputs that differ by
+    rounding (~1e-6) send the gradient elsewhere, and tiny runs amplify that about tenfold per
+    step. In float64 such near-ties are 1e8 times rarer, so the paths must agree to 1e-7.
+    """
+    resnet9, normalize = models.MODELS["resnet9"], engine_data.normalize
+    monkeypatch.setitem(models.MODELS, "resnet9", lambda **options: resnet9(**options).double())
+    monkeypatch.setattr(engine_data, "normalize", lambda *args: normalize(*args).double())

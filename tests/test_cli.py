@@ -33,14 +33,13 @@ from hooktrain.engine.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from hooktrain.engine.loop import CONFIG_FILE
+from hooktrain.engine.config import recipe_from_config, recipe_to_config
+from hooktrain.engine.files import CONFIG_FILE
 from hooktrain.engine.plugin import BUILTIN_PLUGINS, import_object
 from hooktrain.engine.recipe import (
     Recipe,
     apply_overrides,
     load_recipe,
-    recipe_from_config,
-    recipe_to_config,
 )
 from hooktrain.errors import HooktrainError
 from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST
@@ -338,14 +337,15 @@ def test_config_round_trip_through_json() -> None:
     "class_path",
     ["no_such_package.plugins:Thing", "hooktrain.plugins.grad_clip:NoSuchClass"],
 )
-def test_config_with_unimportable_plugin(class_path: str) -> None:
+def test_config_with_unregistered_plugin(class_path: str) -> None:
+    """A class path that is not a registered plugin's is refused without importing it."""
     config = json.loads(json.dumps(recipe_to_config(overridden_flagship())))
     config["plugins"][1]["class"] = class_path
     with pytest.raises(HooktrainError) as info:
         recipe_from_config(config)
     message = str(info.value)
     assert class_path in message
-    assert "cannot be imported" in message
+    assert "not a hooktrain plugin" in message and "not imported" in message
 
 
 def _drop_recipe_name(config: dict[str, Any]) -> None:
@@ -553,6 +553,20 @@ def copy_run(run: FinishedRun, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run.folder, tmp_path / "copy"))
 
 
+def config_as_started(folder: Path) -> dict[str, Any]:
+    """The run's config.json as written at its start, before it was marked finished."""
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    del config["run"]["finished"]
+    return config
+
+
+def unfinished_copy(run: FinishedRun, tmp_path: Path) -> Path:
+    """A copy of the run as if it had been killed before its end was recorded."""
+    folder = copy_run(run, tmp_path)
+    (folder / CONFIG_FILE).write_text(json.dumps(config_as_started(folder)))
+    return folder
+
+
 def test_run_writes_config(finished_run: FinishedRun) -> None:
     config = json.loads((finished_run.folder / CONFIG_FILE).read_text())
     recipe = config["recipe"]
@@ -561,8 +575,17 @@ def test_run_writes_config(finished_run: FinishedRun) -> None:
     assert recipe["eval_batch_size"] == 100
     assert recipe["seed"] == 3  # from --seed
     assert recipe["dropout"] == 0.2  # from the recipe, not the Recipe default
-    run = {"data_dir": str(finished_run.data_dir), "device": "cpu", "processes": 1}
-    assert config["run"] == run
+    run = {
+        "data_dir": str(finished_run.data_dir),
+        "device": "cpu",
+        "processes": 1,
+        "recipe_file": None,
+        "num_classes": 10,
+        "steps_per_epoch": 6,
+        "finished": True,
+    }
+    assert {key: config["run"][key] for key in run} == run
+    assert config["run"]["environment"]["torch"] == str(torch.__version__)
     plugins = {p["name"]: p["settings"] for p in config["plugins"]}
     assert list(plugins) == PLUGIN_ORDER.split(" -> ")
     assert plugins["grad_clip"] == {"max": 0.05, "mode": "value"}
@@ -580,11 +603,11 @@ def test_run_writes_metrics(finished_run: FinishedRun) -> None:
     assert 0.0 <= accuracy <= 1.0
     assert len(metrics["epochs"]) == 1
     assert metrics["epochs"][-1]["test_accuracy"] == accuracy
-    assert metrics["config"] == json.loads((finished_run.folder / CONFIG_FILE).read_text())
+    assert metrics["config"] == config_as_started(finished_run.folder)
 
 
 def test_run_writes_checkpoints(finished_run: FinishedRun) -> None:
-    config = json.loads((finished_run.folder / CONFIG_FILE).read_text())
+    config = config_as_started(finished_run.folder)
     for name in (LAST, BEST):
         payload = load_checkpoint(finished_run.folder / CHECKPOINT_FOLDER / name)
         assert payload["format"] == FORMAT
@@ -635,7 +658,9 @@ def test_resume_before_the_first_checkpoint_starts_over(
     """A run killed before it saved anything: resume trains it from step 0, to the same end."""
     folder = tmp_path / "config_only"
     folder.mkdir()
-    shutil.copy(finished_run.folder / CONFIG_FILE, folder / CONFIG_FILE)
+    config = json.loads((finished_run.folder / CONFIG_FILE).read_text())
+    del config["run"]["finished"]  # as written at the start, before the kill
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
     result = invoke("resume", folder)
     assert result.exit_code == 0, result.output
     assert "has no checkpoint yet: starting the run from its beginning" in result.output
@@ -649,7 +674,7 @@ def test_resume_before_the_first_checkpoint_starts_over(
 def test_resume_with_checkpoint_of_another_recipe(
     finished_run: FinishedRun, tmp_path: Path
 ) -> None:
-    folder = copy_run(finished_run, tmp_path)
+    folder = unfinished_copy(finished_run, tmp_path)
     for name in (LAST, BEST):
         path = folder / CHECKPOINT_FOLDER / name
         payload = load_checkpoint(path)

@@ -26,11 +26,13 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from hooktrain.cli import main
+from hooktrain.engine.build import build_models
 from hooktrain.engine.checkpoints import load_checkpoint
-from hooktrain.engine.data import DeviceData, load_cifar10
+from hooktrain.engine.data import DeviceData
 from hooktrain.engine.distributed import Topology
-from hooktrain.engine.loop import _models, train
+from hooktrain.engine.loop import train
 from hooktrain.engine.recipe import apply_overrides, load_recipe
+from hooktrain.engine.sources import load_cifar10
 from hooktrain.errors import HooktrainError
 from hooktrain.models import Dropout, hashed_uniform
 from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
@@ -80,7 +82,7 @@ def assert_same_training(got: dict, expected: dict, tolerance: float = 1e-3) -> 
     tens of percent); BatchNorm's statistics within ``tolerance`` of their size."""
     assert got["step"] == expected["step"]
     recipe = apply_overrides(load_recipe("resnet9_cifar10"), ["width=8", *COMPARABLE])
-    initial, _ = _models(recipe, 10, torch.device("cpu"))
+    initial, _ = build_models(recipe, 10, torch.device("cpu"))
     for name, start in initial.named_parameters():
         moved, want = got["params"][name] - start, expected["params"][name] - start
         error = ((moved - want).norm() / want.norm()).item()

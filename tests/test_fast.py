@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from torch import nn
 
 from hooktrain.cli import main
+from hooktrain.engine.build import evaluate_checkpoint
 from hooktrain.engine.checkpoints import load_checkpoint
-from hooktrain.engine.loop import evaluate_checkpoint, train
+from hooktrain.engine.loop import train
 from hooktrain.engine.recipe import apply_overrides, load_recipe
 from hooktrain.engine.state import TrainState
 from hooktrain.engine.step import build_evaluate
@@ -42,12 +43,22 @@ def test_bias_free_convs_and_scaled_logits() -> None:
     torch.testing.assert_close(scaled.eval()(x), 0.125 * plain.eval()(x))
 
 
-def test_label_smoothing_is_torch_label_smoothing() -> None:
-    loss = LabelSmoothing(smoothing=0.2).hooktrain_loss(build=None)
-    logits, labels = torch.randn(32, 10), torch.randint(0, 10, (32,))
-    expected = F.cross_entropy(logits, labels, label_smoothing=0.2)
-    torch.testing.assert_close(loss(logits, labels), expected)
-    assert not torch.allclose(loss(logits, labels), F.cross_entropy(logits, labels))
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets() -> None:
+    """The loss is the mean over images of -sum_k q_k log softmax(z)_k with the target
+    q = (1 - s) one_hot(y) + s / K, computed here by hand in float64."""
+    smoothing, classes = 0.2, 10
+    loss = LabelSmoothing(smoothing=smoothing).hooktrain_loss(build=None)
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(32, classes, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, classes, (32,), generator=generator)
+    shifted = logits - logits.max(dim=1, keepdim=True).values
+    log_probs = shifted - shifted.exp().sum(dim=1, keepdim=True).log()
+    targets = torch.full_like(logits, smoothing / classes)
+    targets[torch.arange(32), labels] += 1 - smoothing
+    expected = -(targets * log_probs).sum(dim=1).mean()
+    torch.testing.assert_close(loss(logits, labels), expected, rtol=1e-12, atol=0)
+    plain = -log_probs[torch.arange(32), labels].mean()
+    assert not torch.allclose(loss(logits, labels), plain, rtol=1e-3)
     with pytest.raises(HooktrainError, match="below 1"):  # a sentence, not a traceback
         apply_overrides(load_recipe("resnet9_fast"), ["label_smoothing.smoothing=1.5"])
 

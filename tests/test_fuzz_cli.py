@@ -1,28 +1,30 @@
-"""Bad input, thrown at random (hypothesis): every mistake is exit code 2 and one sentence.
+"""Settings and bad input, thrown at random (hypothesis): what is valid is accepted, every
+mistake is exit code 2 and one sentence.
 
-Random ``--set`` keys and values, ``--with``/``--without`` plugin names, recipe names and
-recipe files, and broken data folders go through ``hooktrain run``; every one must end with
-exit code 2, one line ``Error: ... .`` on stderr and no traceback, and an existing run folder
-must come out byte for byte as it went in. Well-typed recipe settings on real data must train
-or end in one sentence, never in a traceback. The fuzz runs derandomized (the same inputs on
-every run, no example database), so CI is reproducible; the number of command lines tried is
-printed at the end of the module.
-
-Whatever a fuzzed input leaves valid must not train for long: the ``--set`` and plugin fuzz
-point ``--data-dir`` at a folder that does not exist (so a valid override still ends at data
-loading), and the tests that give real data put the tiny settings last, where they win.
+Recipe and plugin settings are checked against a table written here from the README's types
+and ranges: a valid value is accepted as that value, an invalid one is refused in a sentence
+naming the key (``apply_overrides``, fast, so many examples). Random ``--set`` keys and
+values and ``--with``/``--without`` plugin names go through ``hooktrain run`` against a
+missing data folder: the command must refuse exactly what the recipe level refuses, with the
+same sentence, and an accepted command line must get as far as the data (whose sentence then
+names the folder). Recipe names and files and broken data folders must end with exit code 2,
+one line ``Error: ... .`` on stderr and no traceback; an existing run folder must come out
+byte for byte as it went in; valid settings on real data must train. The fuzz runs
+derandomized (the same inputs on every run, no example database), so CI is reproducible; the
+number of examples tried is printed at the end of the module.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 import pickle
 import shlex
 import shutil
 import tempfile
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -35,9 +37,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from hooktrain.cli import main
-from hooktrain.engine.data import CIFAR10_CLASSES, crop_flip, load_cifar10
+from hooktrain.engine.data import CIFAR10_CLASSES, crop_flip
 from hooktrain.engine.plugin import plugin_classes
 from hooktrain.engine.recipe import SEED_LIMIT, Recipe, apply_overrides, field_names, load_recipe
+from hooktrain.engine.sources import load_cifar10
 from hooktrain.errors import HooktrainError
 
 FLAGSHIP = "resnet9_cifar10"
@@ -61,7 +64,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-# Command lines tried, by test: the whole module's total is printed at the end.
+# Examples tried, by test: the whole module's total is printed at the end.
 TRIED: collections.Counter[str] = collections.Counter()
 
 
@@ -74,7 +77,7 @@ def _report_count(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     counts = ", ".join(f"{name} {count}" for name, count in TRIED.items())
     with capture.global_and_fixture_disabled():
-        reporter.write_line(f"\ntest_fuzz_cli: {TRIED.total()} fuzzed command lines ({counts})")
+        reporter.write_line(f"\ntest_fuzz_cli: {TRIED.total()} fuzzed examples ({counts})")
 
 
 @pytest.fixture(autouse=True)
@@ -197,13 +200,211 @@ typed_assignments = st.sampled_from([f for f in RECIPE_FIELDS if f not in UNFUZZ
 )
 
 
+# Valid values, from the README's types and ranges: (text, the value it means). Each key's
+# strategy draws only values the recipe must accept.
+Valid = st.SearchStrategy[tuple[str, Any]]
+
+
+def whole(low: int, high: int) -> Valid:
+    return st.integers(low, high).map(lambda n: (str(n), n))
+
+
+def real(low: float, high: float, *, above: bool = False) -> Valid:
+    """Floats in [low, high), or (low, high) if ``above``, in the shortest text that is them."""
+    numbers = st.floats(low, high, exclude_min=above, exclude_max=True)
+    return numbers.map(lambda x: (repr(x), x))
+
+
+def choice(*names: str) -> Valid:
+    return st.sampled_from(names).map(lambda name: (name, name))
+
+
+def several(item: Valid, count: int) -> Valid:
+    parts = st.lists(item, min_size=count, max_size=count)
+    return parts.map(lambda items: (",".join(t for t, _ in items), tuple(v for _, v in items)))
+
+
+BOOLEAN = st.sampled_from(
+    [(t, True) for t in ("true", "on", "yes", "1", "True")]
+    + [(t, False) for t in ("false", "off", "no", "0", "FALSE")]
+)
+COUNT = whole(1, 10**9)
+VALID_RECIPE: dict[str, Valid] = {
+    "model": choice("resnet9"),
+    "width": COUNT,
+    "dropout": real(0, 1),
+    "conv_bias": BOOLEAN,
+    "logit_scale": real(0, 1e9, above=True),
+    "tta_flip": BOOLEAN,
+    "epochs": COUNT,
+    "batch_size": COUNT,
+    "optimizer": choice("adam", "adamw", "sgd"),
+    "max_lr": real(0, 1e9, above=True),
+    "betas": several(real(0, 1), 2),
+    "eps": real(0, 1e9, above=True),
+    "momentum": real(0, 1),
+    "nesterov": BOOLEAN,
+    "pad": whole(0, 10**9),
+    "pad_mode": choice("reflect", "zeros"),
+    "flip": BOOLEAN,
+    "mean": several(real(-1e9, 1e9), 3),
+    "std": several(real(0, 1e9, above=True), 3),
+    "train_limit": st.one_of(st.just(("none", None)), COUNT),
+    "eval_batch_size": COUNT,
+    "precision": choice("auto", "fp32", "bf16"),
+    "memory_format": choice("auto", "contiguous", "channels_last"),
+    "compile": BOOLEAN,
+    "compile_mode": choice("default", "max-autotune-no-cudagraphs"),
+    "seed": whole(-SEED_LIMIT, SEED_LIMIT),
+}
+POSITIVE = real(0, 1e9, above=True)
+VALID_PLUGIN: dict[str, Valid] = {
+    "onecycle.pct_start": real(0, 1, above=True),
+    "onecycle.div_factor": POSITIVE,
+    "onecycle.final_div_factor": POSITIVE,
+    "onecycle.anneal": choice("cos", "linear"),
+    "onecycle.three_phase": BOOLEAN,
+    "weight_decay.rate": real(0, 1e9),
+    "weight_decay.mode": choice("auto", "coupled", "decoupled"),
+    "weight_decay.include": several(choice("*.weight", "0.*", "[0-9].?.bias"), 2),
+    "weight_decay.exclude": several(choice("*.bias", "6.3.*"), 1),
+    "grad_clip.max": POSITIVE,
+    "grad_clip.mode": choice("value", "norm"),
+    "label_smoothing.smoothing": real(0, 1),
+    "checkpoint.every": COUNT,
+    "checkpoint.every_steps": whole(0, 10**9),
+    "ema.decay": real(0, 1),
+    "ema.every": COUNT,
+    "nan_guard.check_every": COUNT,
+    "data_parallel.bucket_mb": real(0, 2**20, above=True),
+    "data_parallel.sync_batchnorm": BOOLEAN,
+    "metrics.log_every": COUNT,
+    "metrics.tensorboard": BOOLEAN,
+    "metrics.progress": BOOLEAN,
+}
+# Plugins the flagship lacks: the library-level tests add them with --with.
+EXTRA_PLUGINS = ["label_smoothing", "ema"]
+
+
+def assignment_of(table: dict[str, Valid]) -> st.SearchStrategy[tuple[str, str, Any]]:
+    """(key, text, value) of a valid assignment drawn from ``table``."""
+    return st.sampled_from(sorted(table)).flatmap(
+        lambda key: table[key].map(lambda pair: (key, *pair))
+    )
+
+
+valid_assignments = assignment_of(VALID_RECIPE).map(lambda kv: f"{kv[0]}={kv[1]}")
+valid_plugin_assignments = assignment_of(
+    {k: v for k, v in VALID_PLUGIN.items() if k.partition(".")[0] not in EXTRA_PLUGINS}
+).map(lambda kv: f"{kv[0]}={kv[1]}")
+
+# Invalid values by kind of field, each wrong for every field of that kind.
+NOT_A_NUMBER = ["", "x", "nan", "NaN", "1e400", "-inf", "0x10", "1,2", "true", "🙂"]
+INVALID_BY_KIND = {
+    "count": [*NOT_A_NUMBER, "0", "-1", "1.5", "-7"],
+    "unit": [*NOT_A_NUMBER, "1", "1.0", "-0.1", "2"],
+    "positive": [*NOT_A_NUMBER, "0", "-0.0", "-1e-9"],
+    "boolean": ["", "maybe", "2", "truee", "none", "-1"],
+    "choice": ["", "rmsprop", "ADAM", "none", "cos,linear", "0"],
+}
+INVALID_KEYS = {
+    "epoch": "epochs",
+    "lr": None,
+    "gradclip.max": None,
+    "grad_clip.maxx": "grad_clip.max",
+    "onecycle.pct": "onecycle.pct_start",
+}
+KIND_OF = {
+    "count": ["width", "epochs", "batch_size", "eval_batch_size", "checkpoint.every",
+              "nan_guard.check_every", "metrics.log_every", "ema.every"],
+    "unit": ["dropout", "momentum", "label_smoothing.smoothing", "ema.decay"],
+    "positive": ["logit_scale", "max_lr", "eps", "grad_clip.max", "onecycle.div_factor"],
+    "boolean": ["conv_bias", "tta_flip", "nesterov", "flip", "compile",
+                "metrics.progress", "onecycle.three_phase"],
+    "choice": ["optimizer", "pad_mode", "precision", "memory_format", "grad_clip.mode"],
+}  # fmt: skip
+invalid_assignments = st.sampled_from(sorted(KIND_OF)).flatmap(
+    lambda kind: st.tuples(st.sampled_from(KIND_OF[kind]), st.sampled_from(INVALID_BY_KIND[kind]))
+)
+
+
+def setting_of(recipe: Recipe, key: str) -> Any:
+    """The value of a recipe field or of a plugin's setting (``plugin.field``)."""
+    name, _, field = key.rpartition(".")
+    owner = recipe.plugin(name) if name else recipe
+    assert owner is not None, key
+    return getattr(owner, field)
+
+
 # ---------------------------------------------------------------------------------------------
 # Settings, plugins and recipes: exit 2 before any training
 
 
+def test_the_tables_cover_every_setting() -> None:
+    """A new field or plugin setting must get its valid values written down here."""
+    assert sorted(VALID_RECIPE) == sorted(RECIPE_FIELDS)
+    assert sorted(VALID_PLUGIN) == PLUGIN_SETTINGS
+
+
+@settings(FUZZ, max_examples=400)
+@given(chosen=st.lists(st.one_of(assignment_of(VALID_RECIPE), assignment_of(VALID_PLUGIN))))
+def test_valid_settings_are_accepted_as_their_values(chosen: list[tuple[str, str, Any]]) -> None:
+    TRIED["test_valid_settings_are_accepted_as_their_values"] += 1
+    recipe = apply_overrides(
+        load_recipe(FLAGSHIP), [f"{k}={text}" for k, text, _ in chosen], with_plugins=EXTRA_PLUGINS
+    )
+    final = {key: value for key, _, value in chosen}  # a later --set of a key wins
+    for key, value in final.items():
+        assert setting_of(recipe, key) == value, key
+
+
 @settings(FUZZ, max_examples=300)
 @given(
-    sets=st.lists(assignments, min_size=1, max_size=4),
+    before=st.lists(assignment_of(VALID_RECIPE), max_size=2),
+    bad=st.one_of(
+        invalid_assignments,
+        st.tuples(st.sampled_from(sorted(INVALID_KEYS)), st.sampled_from(["1", "0.1", "x"])),
+    ),
+)
+def test_invalid_settings_are_refused_naming_the_key(
+    before: list[tuple[str, str, Any]], bad: tuple[str, str]
+) -> None:
+    TRIED["test_invalid_settings_are_refused_naming_the_key"] += 1
+    key, text = bad
+    sets = [*(f"{k}={t}" for k, t, _ in before), f"{key}={text}"]
+    with pytest.raises(HooktrainError) as info:
+        apply_overrides(load_recipe(FLAGSHIP), sets, with_plugins=EXTRA_PLUGINS)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and message.endswith("."), message
+    assert key in message, message
+    if INVALID_KEYS.get(key):
+        assert f"Did you mean {INVALID_KEYS[key]!r}?" in message
+
+
+def recipe_verdict(
+    sets: Sequence[str], with_: Sequence[str] = (), without: Sequence[str] = ()
+) -> str | None:
+    """What the recipe level says of these overrides: None (accepted) or its sentence."""
+    try:
+        apply_overrides(load_recipe(FLAGSHIP), sets, with_plugins=with_, without_plugins=without)
+    except HooktrainError as error:
+        return " ".join(str(error).splitlines())
+    return None
+
+
+def assert_cli_agrees(result: Result, verdict: str | None, out: Path) -> None:
+    """Refused as the recipe level refuses, or accepted and stopped by the missing data."""
+    line = assert_user_error(result)
+    if verdict is None:
+        assert line.startswith("Error: Data folder ") and "no-data" in line, line
+    else:
+        assert line == f"Error: {verdict}"
+    assert not out.exists()  # no run folder was started
+
+
+@settings(FUZZ, max_examples=200)
+@given(
+    sets=st.lists(st.one_of(assignments, valid_assignments), min_size=1, max_size=4),
     seed=st.one_of(st.none(), st.integers()),
 )
 def test_random_settings(tmp_path: Path, sets: list[str], seed: int | None) -> None:
@@ -211,15 +412,21 @@ def test_random_settings(tmp_path: Path, sets: list[str], seed: int | None) -> N
     args = [arg for text in sets for arg in ("--set", text)]
     args += [] if seed is None else ["--seed", str(seed)]
     result = invoke("run", FLAGSHIP, *args, "--data-dir", tmp_path / "no-data", "--out", out)
-    assert_user_error(result)
-    assert not out.exists()  # no run folder was started
+    verdict = recipe_verdict([*sets, *([] if seed is None else [f"seed={seed}"])])
+    assert_cli_agrees(result, verdict, out)
 
 
 @settings(FUZZ, max_examples=100)
 @given(
     with_=st.lists(plugin_names, max_size=3),
     without=st.lists(plugin_names, max_size=3),
-    sets=st.lists(st.builds("{}={}".format, st.sampled_from(PLUGIN_SETTINGS), values), max_size=2),
+    sets=st.lists(
+        st.one_of(
+            st.builds("{}={}".format, st.sampled_from(PLUGIN_SETTINGS), values),
+            valid_plugin_assignments,
+        ),
+        max_size=2,
+    ),
 )
 def test_random_plugin_switches(
     tmp_path: Path, with_: list[str], without: list[str], sets: list[str]
@@ -229,8 +436,7 @@ def test_random_plugin_switches(
     args += [arg for name in without for arg in ("--without", name)]
     args += [arg for text in sets for arg in ("--set", text)]
     result = invoke("run", FLAGSHIP, *args, "--data-dir", tmp_path / "no-data", "--out", out)
-    assert_user_error(result)
-    assert not out.exists()
+    assert_cli_agrees(result, recipe_verdict(sets, with_, without), out)
 
 
 recipe_names = st.one_of(
@@ -494,29 +700,34 @@ def test_broken_batch_files(
 # Settings that survive parsing, on real data: train or fail in one sentence, never a traceback
 
 
-# Exit codes that come with one sentence: 2, and those of the kinds of HooktrainError that have
-# their own (a diverged run, say).
-SENTENCE_CODES = {2} | {getattr(kind, "exit_code", 2) for kind in HooktrainError.__subclasses__()}
+# Valid settings that also train in a second on 20 images: the tiny settings (given last) fix
+# the size of the run; rates, scales and pads stay where 4 steps cannot diverge or outgrow the
+# 32-pixel images. Compiling would take a minute.
+TRAINABLE: dict[str, Valid] = {
+    **{k: v for k, v in VALID_RECIPE.items() if k not in {*TINY, "eval_batch_size", "compile"}},
+    "logit_scale": real(0.01, 10),
+    "max_lr": real(1e-6, 0.1),
+    "eps": real(1e-12, 1),
+    "pad": whole(0, 8),
+    "mean": several(real(-1, 1), 3),
+    "std": several(real(0.1, 10), 3),
+}
 
 
 # Each example trains for up to a second: a failure is reported unshrunk, its command line noted.
-@settings(FUZZ, max_examples=30, phases=[Phase.explicit, Phase.reuse, Phase.generate])
-@given(sets=st.lists(typed_assignments, min_size=1, max_size=3), seed=st.integers())
-def test_typed_settings_on_real_data(
-    tmp_path: Path, jpeg_cifar: Path, sets: list[str], seed: int
+@settings(FUZZ, max_examples=20, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(chosen=st.lists(assignment_of(TRAINABLE), min_size=1, max_size=3))
+def test_valid_settings_train_on_real_data(
+    tmp_path: Path, jpeg_cifar: Path, chosen: list[tuple[str, str, Any]]
 ) -> None:
     out = fresh_folder(tmp_path) / "out"
-    args = [arg for text in sets for arg in ("--set", text)]
-    result = invoke(*tiny_run(jpeg_cifar, out, *args, "--seed", str(seed)))
-    if result.exit_code == 0:
-        assert "final test accuracy" in result.output
-        return
-    assert result.exit_code in SENTENCE_CODES, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: ") and lines[0].endswith("."), lines[0]
+    args = [arg for key, text, _ in chosen for arg in ("--set", f"{key}={text}")]
+    result = invoke(*tiny_run(jpeg_cifar, out, *args))
+    assert result.exit_code == 0, result.output
+    assert "final test accuracy" in result.output
+    saved = json.loads((out / "config.json").read_text())["recipe"]
+    for key, value in {key: value for key, _, value in chosen}.items():
+        assert saved[key] == (list(value) if isinstance(value, tuple) else value), key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,8 +795,8 @@ def test_seed_out_of_torch_range_is_refused(seed: int) -> None:
 
 @pytest.mark.parametrize("assignment", ["max_lr=nan", "eps=NaN", "grad_clip.max=nan"])
 def test_nan_is_not_a_number(assignment: str) -> None:
-    key = assignment.partition("=")[0]
-    with pytest.raises(HooktrainError, match=f"{key} must be a number \\(float\\)"):
+    key, _, value = assignment.partition("=")
+    with pytest.raises(HooktrainError, match=f"{key} must be a .*number.*, not '{value}'"):
         apply_overrides(load_recipe(FLAGSHIP), [assignment])
     # Infinity stays a number: grad_clip.max=inf means no clipping.
     clip = apply_overrides(load_recipe(FLAGSHIP), ["grad_clip.max=inf"]).plugin("grad_clip")
@@ -664,7 +875,7 @@ def test_batch_file_asking_for_absurd_memory(tmp_path: Path) -> None:
     batches = write_cifar_batches(tmp_path / "data", n_train=10, n_test=5) / "cifar-10-batches-py"
     # Protocol 4 starts with a FRAME opcode and its 8-byte length: claim 2**62 bytes.
     (batches / "batches.meta").write_bytes(b"\x80\x04\x95" + (2**62).to_bytes(8, "little") + b".")
-    with pytest.raises(HooktrainError, match=r"batches\.meta is malformed \(MemoryError\)"):
+    with pytest.raises(HooktrainError, match=r"batches\.meta is malformed \("):
         load_cifar10(tmp_path / "data")
 
 

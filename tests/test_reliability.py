@@ -1,15 +1,19 @@
 """Nothing a user started is lost: damaged checkpoints, failed saves, divergence, signals.
 
 Every run here is tiny (width 4, 240 images in batches of 40: 6 steps an epoch) and saves a
-checkpoint every 2 steps, so resumes start inside epochs. The kill -9 fault script is
+checkpoint every 2 steps, so resumes start inside epochs. Failed writes and signals come for
+real, to `hooktrain` in a child process: a file-size limit, a full tmpfs, a read-only mount,
+a signal sent at the moment the child announces. The kill -9 fault script is
 ``fault_kill_resume.py`` beside this file (``test_kill_resume.py`` runs its short version).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -29,7 +33,7 @@ from hooktrain.engine.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from hooktrain.engine.loop import CONFIG_FILE
+from hooktrain.engine.files import CONFIG_FILE
 from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST, PREVIOUS
 
 FLAGSHIP = "resnet9_cifar10"
@@ -82,6 +86,15 @@ def reference(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     result = run_tiny(tiny_cifar, out)
     assert result.exit_code == 0, result.output
     return out
+
+
+def unfinished_copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run as if it had been killed before its end was recorded."""
+    folder = Path(shutil.copytree(run, tmp_path / "run"))
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    del config["run"]["finished"]
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +192,7 @@ def test_resume_passes_over_a_damaged_last_checkpoint(
     reference: Path, tmp_path: Path, damage: Any, reason: str
 ) -> None:
     """last.pt (step 12) is damaged: resume takes previous.pt (step 10) and ends bit-identical."""
-    folder = Path(shutil.copytree(reference, tmp_path / "run"))
+    folder = unfinished_copy(reference, tmp_path)
     last = folder / CHECKPOINT_FOLDER / LAST
     assert load_checkpoint(folder / CHECKPOINT_FOLDER / PREVIOUS)["state"]["step"] == 10
     # Step 12 ended the run: mark it unfinished so there is something left to resume.
@@ -196,7 +209,7 @@ def test_resume_passes_over_a_damaged_last_checkpoint(
 
 
 def test_resume_refuses_when_no_checkpoint_is_usable(reference: Path, tmp_path: Path) -> None:
-    folder = Path(shutil.copytree(reference, tmp_path / "run"))
+    folder = unfinished_copy(reference, tmp_path)
     for path in (folder / CHECKPOINT_FOLDER).glob("*.pt"):
         _truncate(path, path)
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
@@ -241,7 +254,7 @@ def test_a_malicious_checkpoint_runs_no_code(
     assert_user_error(invoke("eval", path), "asks to import", "no code can run")
     assert not target.exists()
     # In a run folder, resume passes over it to the previous checkpoint.
-    folder = Path(shutil.copytree(reference, tmp_path / "run"))
+    folder = unfinished_copy(reference, tmp_path)
     (folder / CHECKPOINT_FOLDER / BEST).unlink()
     shutil.copy(path, folder / CHECKPOINT_FOLDER / LAST)
     result = invoke("resume", folder)
@@ -255,17 +268,35 @@ def test_a_malicious_checkpoint_runs_no_code(
 # 4. A failed save keeps the previous checkpoint and the run
 
 
+class _DiskWithRoom:
+    """The file of a checkpoint being saved on a disk with ``room`` bytes left: ENOSPC past it."""
+
+    def __init__(self, file: Any, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
 def _full_disk_while(monkeypatch: pytest.MonkeyPatch, failing_saves: set[int]) -> None:
-    """Checkpoint writes number ``failing_saves`` (from 1) fail half-way with ENOSPC."""
+    """Checkpoint writes number ``failing_saves`` (from 1) run out of disk after 1000 bytes.
+
+    The error comes from inside ``torch.save``'s own writes, as a full disk's does (torch's
+    zip writer turns it into a RuntimeError of its own unless hooktrain looks past it); the
+    subprocess tests in section 9 fill real disks.
+    """
     real_write = checkpoints._write_checksummed
     count = {"saves": 0}
 
     def write(payload: dict[str, Any], file: Any) -> None:
         count["saves"] += 1
-        if count["saves"] in failing_saves:
-            file.write(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(payload, file)
+        real_write(payload, _DiskWithRoom(file, 1000) if count["saves"] in failing_saves else file)
 
     monkeypatch.setattr(checkpoints, "_write_checksummed", write)
 
@@ -384,25 +415,100 @@ def test_nan_guard_leaves_a_healthy_run_alone(reference: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # 6. Ctrl-C and SIGTERM save the state and say how to continue
 
-# The command in a process whose steps are slow enough to be interrupted; it says when the
-# 4th step starts. Slowing the batches changes no number.
+# The command in a process slow enough to be interrupted where a test wants, saying on stdout
+# when it gets there. Slowing it changes no number. Environment variables set the moments:
+# SLOW_BATCH: seconds every batch takes (the 4th says "step 4 starts"; 0.3 s by default);
+# SLOW_STEP_4: seconds the 4th batch takes instead; SLOW_SAVE=N: the N-th checkpoint save says
+# "save N is under way" in the write that passes its first 10 kB, and stays there for 30 s;
+# SLOW_DATA=1: loading the data says "loading data" and takes 30 s. Each signal handler that
+# returns says "received NAME" (os.write: a print in a handler could re-enter stdout's buffer).
 SLOW_COMMAND = """
+import os
+import signal
 import sys
 import time
-from hooktrain.engine import data
+from hooktrain.engine import checkpoints, data, loop
 
+batch_seconds = float(os.environ.get("SLOW_BATCH", "0.3"))
+step_4_seconds = float(os.environ.get("SLOW_STEP_4", batch_seconds))
+slow_save = int(os.environ.get("SLOW_SAVE", "0"))
 real_train_batch = data.DeviceData.train_batch
+real_write = checkpoints._HashingWriter.write
+real_load = loop.load_cifar10
+real_signal = signal.signal
+saves = []
 
 def slow_train_batch(self, plan, index):
     if index == 3:
         print("step 4 starts", flush=True)
-    time.sleep(0.3)
+    time.sleep(step_4_seconds if index == 3 else batch_seconds)
     return real_train_batch(self, plan, index)
 
+def slow_write(self, chunk):
+    if not hasattr(self, "written"):
+        self.written = 0
+        saves.append(self)
+    if len(saves) == slow_save and self.written < 10000 <= self.written + len(chunk):
+        print(f"save {slow_save} is under way", flush=True)
+        time.sleep(30)
+    self.written += len(chunk)
+    return real_write(self, chunk)
+
+def slow_load(*args, **kwargs):
+    print("loading data", flush=True)
+    time.sleep(30)
+    return real_load(*args, **kwargs)
+
+def announcing_signal(number, handler):
+    if not callable(handler):
+        return real_signal(number, handler)
+
+    def announce(received, frame):
+        handler(received, frame)
+        os.write(1, f"received {signal.Signals(received).name}\\n".encode())
+
+    return real_signal(number, announce)
+
 data.DeviceData.train_batch = slow_train_batch
+checkpoints._HashingWriter.write = slow_write
+if os.environ.get("SLOW_DATA"):
+    loop.load_cifar10 = slow_load
+signal.signal = announcing_signal
 from hooktrain.cli import main
 main(sys.argv[1:])
 """
+
+
+class SlowRun:
+    """``hooktrain`` in a child process slowed by SLOW_COMMAND; the test signals it."""
+
+    def __init__(self, *args: str | Path, **slow: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SLOW_COMMAND, *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **slow},
+        )
+        self.lines: list[str] = []
+
+    def wait_for(self, line: str) -> None:
+        assert self.process.stdout is not None
+        for received in self.process.stdout:
+            self.lines.append(received)
+            if received.strip() == line:
+                return
+        raise AssertionError(f"{line!r} never came:\n{''.join(self.lines)}")
+
+    def signal(self, number: int) -> None:
+        self.process.send_signal(number)
+
+    def finish(self) -> subprocess.CompletedProcess[str]:
+        stdout, stderr = self.process.communicate(timeout=120)
+        stdout = "".join(self.lines) + stdout
+        return subprocess.CompletedProcess(
+            self.process.args, self.process.returncode, stdout, stderr
+        )
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
@@ -412,18 +518,11 @@ def test_a_signal_saves_the_state_and_resume_finishes_the_same_run(
     out = tmp_path / "run"
     # No step checkpoints: what is saved inside the first epoch comes from the signal.
     args = [*TINY, "--set", "checkpoint.every_steps=0", "--data-dir", tiny_cifar, "--out", out]
-    process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_COMMAND, "run", FLAGSHIP, *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("step 4 starts"):
-            break
-    process.send_signal(signal_number)
-    stdout, stderr = process.communicate(timeout=120)
+    run = SlowRun("run", FLAGSHIP, *args)
+    run.wait_for("step 4 starts")
+    run.signal(signal_number)
+    process = run.finish()
+    stdout, stderr = process.stdout, process.stderr
     name = signal.Signals(signal_number).name
     assert process.returncode == 128 + signal_number, stdout + stderr
     assert "Traceback" not in stderr
@@ -486,10 +585,11 @@ def test_a_run_folder_is_replaced_only_with_overwrite(
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert_user_error(run_tiny(tiny_cifar, folder), "is not empty", "--overwrite")
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
-    (folder / "notes.txt").write_text("the old run's")
+    torn = folder / f".{CONFIG_FILE}.x1.tmp"  # a write the old run was killed in
+    torn.write_text("{")
     result = run_tiny(tiny_cifar, folder, "--overwrite", "--set", "epochs=1")
     assert result.exit_code == 0, result.output
-    assert not (folder / "notes.txt").exists()
+    assert not torn.exists()
     assert final_state(folder)["step"] == STEPS // 2
 
 
@@ -537,7 +637,7 @@ def test_a_folder_left_with_only_a_half_written_config_takes_a_new_run(
 def test_resume_clears_half_written_files_of_the_killed_process(
     reference: Path, tmp_path: Path
 ) -> None:
-    folder = Path(shutil.copytree(reference, tmp_path / "run"))
+    folder = unfinished_copy(reference, tmp_path)
     (folder / CHECKPOINT_FOLDER / BEST).unlink()
     (folder / CHECKPOINT_FOLDER / LAST).unlink()  # resume from previous.pt, step 10
     stale = [folder / ".metrics.json.k1ll3d.tmp", folder / CHECKPOINT_FOLDER / ".last.pt.x.tmp"]
@@ -546,3 +646,270 @@ def test_resume_clears_half_written_files_of_the_killed_process(
     assert invoke("resume", folder).exit_code == 0
     assert not any(path.exists() for path in stale)
     assert_same_state(final_state(folder), final_state(reference))
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Writes that really fail: a file-size limit, a full tmpfs, a read-only file system
+#
+# Each test runs the real `hooktrain` in a child process. RLIMIT_FSIZE makes write() fail with
+# EFBIG (SIGXFSZ ignored) inside torch.save's own writes, where a full disk fails too; it works
+# everywhere. A tmpfs and a read-only bind mount are mounted in a private mount namespace
+# (`unshare --mount`, or `--map-root-user` when not root), which no other process sees; where
+# this machine allows neither, those tests are skipped.
+
+
+def hooktrain_process(
+    *args: str | Path, prefix: tuple[str, ...] = (), file_size_limit: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``hooktrain ARGS`` in a child process, after ``prefix``, with at most that file size."""
+
+    def limit_file_size() -> None:
+        if file_size_limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    command = [*prefix, sys.executable, "-m", "hooktrain", *map(str, args)]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size
+    )
+
+
+def assert_one_sentence(process: subprocess.CompletedProcess[str], exit_code: int) -> str:
+    """The exit code, no traceback and one sentence on stderr: 'Error: ...'."""
+    assert process.returncode == exit_code, process.stdout + process.stderr
+    assert "Traceback" not in process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1, process.stderr
+    assert lines[0].startswith("Error: ") and lines[0].endswith("."), lines[0]
+    return lines[0]
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def stopped(tiny_cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference run stopped by SIGTERM after step 4: last.pt holds step 4, previous.pt 2."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    run = SlowRun(
+        "run", FLAGSHIP, *TINY, "--data-dir", tiny_cifar, "--out", out, SLOW_BATCH="0",
+        SLOW_STEP_4="2",
+    )  # fmt: skip
+    run.wait_for("step 4 starts")
+    run.signal(signal.SIGTERM)
+    process = run.finish()
+    assert process.returncode == 128 + signal.SIGTERM, process.stdout + process.stderr
+    assert final_state(out)["step"] == 4
+    return out
+
+
+def checkpoint_size(reference: Path) -> int:
+    return (reference / CHECKPOINT_FOLDER / LAST).stat().st_size
+
+
+def test_a_save_that_cannot_be_written_keeps_the_checkpoint_before_it(
+    reference: Path, stopped: Path, tmp_path: Path
+) -> None:
+    """Every save after step 4 fails inside torch.save (EFBIG): last.pt (step 4) stays."""
+    folder = Path(shutil.copytree(stopped, tmp_path / "run"))
+    last = folder / CHECKPOINT_FOLDER / LAST
+    before = last.read_bytes()
+    # Room for config.json, metrics.json and TensorBoard's file, not for a checkpoint.
+    process = hooktrain_process(
+        "resume", folder, file_size_limit=checkpoint_size(reference) * 3 // 4
+    )
+    sentence = assert_one_sentence(process, 2)
+    assert "its last checkpoint could not be written (File too large)" in sentence
+    assert f"the checkpoint saved before it is intact in {last}" in sentence
+    for step in (6, 8, 10, 12):
+        assert f"warning: could not save step {step} to {last} (File too large)" in process.stdout
+    assert last.read_bytes() == before
+    assert load_checkpoint(last)["state"]["step"] == 4
+    assert not list((folder / CHECKPOINT_FOLDER).glob(".*"))
+    resumed = invoke("resume", folder)  # with room: nothing was lost
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_state(final_state(folder), final_state(reference))
+
+
+def test_a_config_that_cannot_be_written_stops_run_before_training(
+    tiny_cifar: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    args = ["run", FLAGSHIP, *TINY, "--data-dir", tiny_cifar, "--out", out]
+    sentence = assert_one_sentence(hooktrain_process(*args, file_size_limit=1000), 2)
+    assert sentence.startswith(f"Error: Cannot write {out / CONFIG_FILE} (File too large)")
+    assert not out.exists()  # run removes the folder it made
+
+
+def test_a_config_that_cannot_be_written_leaves_a_resumed_run_as_it_was(
+    stopped: Path, tmp_path: Path
+) -> None:
+    folder = Path(shutil.copytree(stopped, tmp_path / "run"))
+    before = contents(folder)
+    sentence = assert_one_sentence(hooktrain_process("resume", folder, file_size_limit=1000), 2)
+    assert sentence.startswith(f"Error: Cannot write {folder / CONFIG_FILE} (File too large)")
+    assert "the files already there are as they were" in sentence
+    assert contents(folder) == before
+
+
+@pytest.fixture(scope="module")
+def private_mounts(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ...]:
+    """The command prefix of a private mount namespace in which mounting works; else skip."""
+    point = tmp_path_factory.mktemp("mount-probe")
+    options = [("unshare", "--mount")] if os.geteuid() == 0 else []
+    options.append(("unshare", "--mount", "--map-root-user"))
+    for prefix in options:
+        probe = [*prefix, "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(point)]
+        try:
+            if subprocess.run(probe, capture_output=True, timeout=30).returncode == 0:
+                return prefix
+        except OSError:  # no unshare
+            break
+    pytest.skip("this machine lets this process mount nothing, even in a private namespace")
+
+
+def in_private_mounts(prefix: tuple[str, ...], setup: str, after: str = "") -> tuple[str, ...]:
+    """A prefix for :func:`hooktrain_process`: ``setup`` mounts, the command, then ``after``."""
+    script = f'set -e; {setup}; set +e; "$@"; code=$?; {after or "true"}; exit $code'
+    return (*prefix, "bash", "-c", script, "bash")
+
+
+def test_a_full_disk_keeps_the_first_checkpoint_to_the_end(
+    reference: Path, tiny_cifar: Path, tmp_path: Path, private_mounts: tuple[str, ...]
+) -> None:
+    """A tmpfs with room for one checkpoint: each save after the first fails and says so."""
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    size = checkpoint_size(reference) * 3 // 2
+    prefix = in_private_mounts(
+        private_mounts, f"mount -t tmpfs -o size={size} tmpfs {disk}", f"cp -a {disk} {kept}"
+    )
+    out = disk / "run"
+    args = [*TINY, "--set", "metrics.tensorboard=false", "--data-dir", tiny_cifar, "--out", out]
+    process = hooktrain_process("run", FLAGSHIP, *args, prefix=prefix)
+    last = out / CHECKPOINT_FOLDER / LAST
+    sentence = assert_one_sentence(process, 2)
+    assert "its last checkpoint could not be written (No space left on device)" in sentence
+    assert f"the checkpoint saved before it is intact in {last}" in sentence
+    warnings = [line for line in process.stdout.splitlines() if "could not save" in line]
+    assert warnings[0].startswith(f"warning: could not save step 4 to {last} (No space left")
+    assert len(warnings) >= 5  # steps 4, 6 (best.pt too, if better), 8, 10, 12
+    folder = kept / "run"
+    assert load_checkpoint(folder / CHECKPOINT_FOLDER / LAST)["state"]["step"] == 2
+    assert not list((folder / CHECKPOINT_FOLDER).glob(".*"))
+    resumed = invoke("resume", folder)  # with room: nothing was lost
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_state(final_state(folder), final_state(reference))
+
+
+def test_a_full_disk_when_resuming_leaves_the_run_as_it_was(
+    stopped: Path, tmp_path: Path, private_mounts: tuple[str, ...]
+) -> None:
+    """A tmpfs that holds the run and is full: the resume writes nothing, says so and stops."""
+    source = Path(shutil.copytree(stopped, tmp_path / "source"))
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    setup = (
+        f"mount -t tmpfs -o size=4m tmpfs {disk}; cp -a {source} {disk}/run; "
+        f"cat /dev/zero > {disk}/filler 2>/dev/null || true"
+    )
+    prefix = in_private_mounts(private_mounts, setup, f"cp -a {disk}/run {kept}")
+    process = hooktrain_process("resume", disk / "run", prefix=prefix)
+    sentence = assert_one_sentence(process, 2)
+    # config.json is the first file written, unless a lock on the folder is made before it.
+    assert f"{disk / 'run'}" in sentence and "(No space left on device)" in sentence
+    assert contents(kept) == contents(source)
+
+
+@pytest.mark.parametrize("command", ["run", "resume"])
+def test_a_read_only_run_folder_is_one_sentence(
+    stopped: Path,
+    tiny_cifar: Path,
+    tmp_path: Path,
+    private_mounts: tuple[str, ...],
+    command: str,
+) -> None:
+    """An empty --out or a run to resume on a read-only file system: exit 2, files unchanged."""
+    folder = tmp_path / "run"
+    if command == "run":
+        folder.mkdir()
+        args: list[str | Path] = ["run", FLAGSHIP, *TINY, "--data-dir", tiny_cifar]
+        args += ["--out", folder]
+    else:
+        shutil.copytree(stopped, folder)
+        (folder / ".metrics.json.k1ll3d.tmp").write_text("left by a killed run")
+        args = ["resume", folder]
+    before = contents(folder)
+    setup = f"mount --bind {folder} {folder}; mount -o remount,ro,bind {folder}"
+    process = hooktrain_process(*args, prefix=in_private_mounts(private_mounts, setup))
+    sentence = assert_one_sentence(process, 2)
+    assert f"{folder}" in sentence and "(Read-only file system)" in sentence
+    assert contents(folder) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Signals that come at the worst moments: a second one, one before training
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_inside_the_save_the_first_started(
+    reference: Path, tiny_cifar: Path, tmp_path: Path, signal_number: int
+) -> None:
+    """Saves at step 3 and at the stop after step 4; the second signal lands inside the write."""
+    out = tmp_path / "run"
+    args = [*TINY, "--set", "checkpoint.every_steps=3", "--data-dir", tiny_cifar, "--out", out]
+    run = SlowRun("run", FLAGSHIP, *args, SLOW_STEP_4="2", SLOW_SAVE="2")
+    name = signal.Signals(signal_number).name
+    run.wait_for("step 4 starts")
+    run.signal(signal_number)
+    run.wait_for(f"received {name}")
+    run.wait_for("save 2 is under way")
+    run.signal(signal_number)
+    sentence = assert_one_sentence(run.finish(), 128 + signal_number)
+    assert sentence == (
+        f"Error: Stopped at once by a second {name}; continue from the last checkpoint with "
+        f"`hooktrain resume {out}`."
+    )
+    assert load_checkpoint(out / CHECKPOINT_FOLDER / LAST)["state"]["step"] == 3
+    assert load_checkpoint(out / CHECKPOINT_FOLDER / PREVIOUS)["state"]["step"] == 3
+    assert not list((out / CHECKPOINT_FOLDER).glob(".*"))
+    resumed = invoke("resume", out)
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_state(final_state(out), final_state(reference))
+
+
+def test_two_sigterms_in_one_step_exit_as_sigterm(tiny_cifar: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [*TINY, "--data-dir", tiny_cifar, "--out", out]
+    run = SlowRun("run", FLAGSHIP, *args, SLOW_BATCH="0", SLOW_STEP_4="30")
+    run.wait_for("step 4 starts")
+    run.signal(signal.SIGTERM)
+    run.wait_for("received SIGTERM")
+    run.signal(signal.SIGTERM)
+    sentence = assert_one_sentence(run.finish(), 128 + signal.SIGTERM)
+    assert sentence.startswith("Error: Stopped at once by a second SIGTERM; continue from")
+    assert final_state(out)["step"] == 2  # the step 4 it was in was not saved
+
+
+@pytest.mark.parametrize(
+    ("moment", "signal_number"),
+    [("recipe", signal.SIGINT), ("recipe", signal.SIGTERM), ("data", signal.SIGINT)],
+)
+def test_a_signal_before_training_is_one_sentence(
+    tiny_cifar: Path, tmp_path: Path, moment: str, signal_number: int
+) -> None:
+    """Inside a recipe file being run, or while the data loads: nothing to save, nothing left."""
+    recipe = tmp_path / "slow_recipe.py"
+    recipe.write_text('import time\nprint("recipe runs", flush=True)\ntime.sleep(30)\n')
+    out = tmp_path / "run"
+    name = FLAGSHIP if moment == "data" else recipe
+    run = SlowRun("run", name, *TINY, "--data-dir", tiny_cifar, "--out", out, SLOW_DATA="1")
+    run.wait_for("loading data" if moment == "data" else "recipe runs")
+    run.signal(signal_number)
+    sentence = assert_one_sentence(run.finish(), 128 + signal_number)
+    assert sentence == (
+        f"Error: Interrupted by {signal.Signals(signal_number).name} before training started; "
+        "nothing was saved, so run the same command again."
+    )
+    assert not out.exists()

@@ -23,15 +23,17 @@ import re
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
 from hooktrain.engine import checkpoints
+from hooktrain.engine.config import recipe_to_config
+from hooktrain.engine.files import read_json
 from hooktrain.engine.plugin import plugin_classes
-from hooktrain.engine.recipe import Recipe, apply_overrides, field_names, recipe_to_config
+from hooktrain.engine.recipe import Recipe, apply_overrides, field_names, parse_assignment
 from hooktrain.errors import HooktrainError
 
 ABLATION_FILE = "ablation.json"
@@ -212,13 +214,38 @@ class Ablation:
         """The keys that switch a plugin on and off (the others set values)."""
         return {f.key for f in self.vary if _is_toggle(f, recipe)}
 
-    def check_fixed(self, fixed_keys: Collection[str]) -> None:
-        """Refuse keys (of --set, --with, --without) that a factor also varies."""
-        both = [f.key for f in self.vary if f.key in fixed_keys]
+    def fixed_recipe(
+        self,
+        recipe: Recipe,
+        assignments: Sequence[str] = (),
+        with_plugins: Sequence[str] = (),
+        without_plugins: Sequence[str] = (),
+    ) -> Recipe:
+        """The recipe under every cell: ``recipe`` with the command line's --set, --with and
+        --without, none of which may fix a key that a factor varies.
+
+        A plugin switched on and off may still be given settings (``--set P.x=v``, with or
+        without ``--with P``): they apply in the cells where it is on.
+        """
+        toggles = self.toggles(recipe)
+        keys = [parse_assignment(text)[0] for text in assignments]
+        fixed = {*keys, *without_plugins, *(name for name in with_plugins if name not in toggles)}
+        both = [f.key for f in self.vary if f.key in fixed]
         if both:
             raise HooktrainError(
                 f"{both[0]} is both varied and fixed (--set/--with/--without); drop one of the two."
             )
+        # A switched plugin the recipe lacks joins it to take its settings; cells that say
+        # "off" drop it again.
+        set_plugins = {key.partition(".")[0] for key in keys if "." in key}
+        joining = [
+            f.key
+            for f in self.vary
+            if f.key in toggles & set_plugins
+            and recipe.plugin(f.key) is None
+            and f.key not in with_plugins
+        ]
+        return apply_overrides(recipe, assignments, [*with_plugins, *joining], without_plugins)
 
     def spec(self, recipe: Recipe) -> dict[str, Any]:
         """What identifies this ablation's results (not how they are computed: parallel_seeds)."""
@@ -410,8 +437,12 @@ class AblationResult:
 
 def _read_result(path: Path, spec: dict[str, Any], cells: list[Cell]) -> AblationResult:
     try:
-        saved = json.loads(path.read_text())
-        if saved.get("format") != FORMAT or saved.get("version") != VERSION:
+        saved = read_json(path)
+        if (
+            not isinstance(saved, dict)
+            or saved.get("format") != FORMAT
+            or saved.get("version") != VERSION
+        ):
             raise ValueError("not an ablation file of this version")
         runs = {cell["name"]: dict(cell["runs"]) for cell in saved["cells"]}
         saved_spec = saved["spec"]
@@ -438,10 +469,12 @@ def _write(out_dir: Path, result: AblationResult) -> None:
 def holds_ablation(folder: Path, recipe: Recipe, ablation: Ablation) -> bool:
     """Whether ``folder`` has an ablation file with exactly this ablation's spec."""
     try:
-        saved = json.loads((folder / ABLATION_FILE).read_text())
-    except (OSError, ValueError):
+        saved = read_json(folder / ABLATION_FILE)
+    except ValueError:
         return False
-    return saved.get("spec") == json.loads(json.dumps(ablation.spec(recipe)))
+    return isinstance(saved, dict) and saved.get("spec") == json.loads(
+        json.dumps(ablation.spec(recipe))
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,7 +498,8 @@ def run_ablation(
     (a run cut off halfway starts over: its wall time would otherwise be wrong).
     """
     # The engine loads torch; the spec does not.
-    from hooktrain.engine.loop import resolve_device, train_seeds
+    from hooktrain.engine.build import resolve_device
+    from hooktrain.engine.loop import train_seeds
 
     cells = ablation.cells(recipe)
     toggles = ablation.toggles(recipe)

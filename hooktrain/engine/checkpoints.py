@@ -7,11 +7,13 @@ fails that check before anything in it is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -68,10 +70,13 @@ def atomic_write(path: Path, write: Any) -> None:
 def remove_stale_temp_files(folder: Path) -> None:
     """Delete what :func:`atomic_write` and :func:`copy_checkpoint` leave when killed mid-write.
 
-    Only one process writes a run folder, so at its start every such file is stale.
+    Only one process writes a run folder, so at its start every such file is stale. One that
+    cannot be deleted (a read-only folder) is in no write's way, and the first real write
+    there says what is wrong.
     """
     for stale in folder.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            stale.unlink(missing_ok=True)
 
 
 def holds_only_stale_temp_files(folder: Path) -> bool:
@@ -133,10 +138,32 @@ def _write_checksummed(payload: dict[str, Any], file: BinaryIO) -> None:
     becomes the checksum's length and the checksum follows it, which keeps a valid zip.
     """
     writer = _HashingWriter(file)
-    torch.save(payload, writer)  # type: ignore[arg-type]  # a file-like object is enough
+    handled = sys.exception()  # when called while handling one, torch's errors chain to it too
+    try:
+        torch.save(payload, writer)  # type: ignore[arg-type]  # a file-like object is enough
+    except RuntimeError as error:
+        raise _hidden_cause(error, handled) from None
     file.seek(-2, os.SEEK_END)
     file.write(struct.pack("<H", _COMMENT_LENGTH))
     file.write(CHECKSUM_PREFIX + writer.digest.hexdigest().encode())
+
+
+def _hidden_cause(error: RuntimeError, handled: BaseException | None) -> BaseException:
+    """The exception that made ``torch.save`` fail, where torch's zip writer hid it.
+
+    When writing fails (OSError from a full disk, or the KeyboardInterrupt of a second Ctrl-C,
+    raised inside ``write`` or as it is entered), torch still finishes the archive on the way
+    out and raises "unexpected pos" instead, while handling the real exception: that one is
+    its ``__context__``. ``handled`` is the exception the caller was handling, not the save's.
+    """
+    cause: BaseException = error
+    while (
+        isinstance(cause, RuntimeError)
+        and cause.__context__ is not None
+        and cause.__context__ is not handled
+    ):
+        cause = cause.__context__
+    return cause
 
 
 def _stored_checksum(path: Path) -> bytes | None:
@@ -175,6 +202,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     Loading uses ``weights_only=True``: a file that asks to import anything beyond tensors and
     plain containers is refused, so no code in it can run.
     """
+    if path.exists() and not path.is_file():
+        raise CheckpointUnusable(path, "it is not a file (a folder or a device has its name)")
     if not path.is_file():
         raise HooktrainError(f"There is no checkpoint at {path}; check the path.")
     stored = _stored_checksum(path)

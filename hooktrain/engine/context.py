@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
+from hooktrain.engine.files import resume_command
+
 if TYPE_CHECKING:
     from hooktrain.engine.data import DeviceData
     from hooktrain.engine.optim import Optimizer
@@ -96,3 +98,8 @@ class RunContext:
     def total_steps(self) -> int:
         """Steps in the whole run."""
         return self.recipe.epochs * self.steps_per_epoch
+
+    @property
+    def resume_command(self) -> str:
+        """The command that continues this run from its last checkpoint."""
+        return resume_command(self.out_dir, self.config, self.world_size > 1)

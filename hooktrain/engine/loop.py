@@ -2,191 +2,78 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pluggy
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from hooktrain.engine import checkpoints, distributed
+from hooktrain.engine.build import (
+    autocast_dtype_of,
+    build_models,
+    check_data_parallel,
+    check_usable,
+    check_vmappable,
+    compose_pieces,
+    device_data,
+    load_plugin_states,
+    lockstep_recipe,
+    resolve_device,
+)
+from hooktrain.engine.config import recipe_to_config
 from hooktrain.engine.context import BuildContext, EpochReport, RunContext
-from hooktrain.engine.data import DeviceData, ImageDataset, load_cifar10
+from hooktrain.engine.data import DeviceData
 from hooktrain.engine.distributed import Topology
+from hooktrain.engine.environment import environment_info
 from hooktrain.engine.files import CONFIG_FILE
-from hooktrain.engine.optim import make_optimizer
+from hooktrain.engine.folder import hold_run_folders
+from hooktrain.engine.optim import recipe_optimizer
 from hooktrain.engine.plugin import (
     call_order,
-    contributions,
     make_plugin_manager,
-    sole_contribution,
 )
-from hooktrain.engine.recipe import Recipe, recipe_from_config, recipe_to_config
+from hooktrain.engine.recipe import Recipe
+from hooktrain.engine.signals import stop_on_signals
+from hooktrain.engine.sources import load_cifar10
 from hooktrain.engine.state import TrainState, capture_global_rng
 from hooktrain.engine.step import (
     Batch,
     Evaluation,
     LaneStepFn,
     StepFn,
-    StepPieces,
     build_evaluate,
     build_lane_evaluate,
     build_lane_step,
     build_step,
-    constant_schedule,
 )
 from hooktrain.errors import HooktrainError, TrainingStopped
-from hooktrain.models import build_model, shard_randomness
-
-
-def resolve_device(name: str, topology: Topology | None = None) -> torch.device:
-    """``auto`` is CUDA when there is a GPU, else the CPU; under torchrun, each process on a
-    machine takes the GPU of its local rank and makes it the current device (NCCL wants it)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HooktrainError("--device cuda was asked for but no CUDA GPU is visible; use cpu.")
-    if name != "cuda" or topology is None or not topology.distributed:
-        return torch.device(name)
-    if topology.local_rank >= torch.cuda.device_count():
-        raise HooktrainError(
-            f"This machine has {torch.cuda.device_count()} GPU(s) but torchrun started process "
-            f"{topology.local_rank + 1} on it; pass --nproc-per-node {torch.cuda.device_count()} "
-            "(one process per GPU), or --device cpu."
-        )
-    torch.cuda.set_device(topology.local_rank)
-    return torch.device("cuda", topology.local_rank)
-
-
-def _autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
-    if recipe.precision == "bf16" or (recipe.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def _channels_last(recipe: Recipe, device: torch.device) -> bool:
-    return recipe.memory_format == "channels_last" or (
-        recipe.memory_format == "auto" and device.type == "cuda"
-    )
-
-
-def _device_data(
-    recipe: Recipe, dataset: ImageDataset, device: torch.device, topology: Topology | None = None
-) -> DeviceData:
-    topology = topology or Topology()
-    return DeviceData(
-        dataset,
-        device,
-        batch_size=recipe.batch_size,
-        mean=recipe.mean,
-        std=recipe.std,
-        pad=recipe.pad,
-        pad_mode=recipe.pad_mode,
-        flip=recipe.flip,
-        channels_last=_channels_last(recipe, device),
-        train_limit=recipe.train_limit,
-        eval_batch_size=recipe.eval_batch_size,
-        shard=topology.rank,
-        shards=topology.world_size,
-    )
-
-
-def _models(recipe: Recipe, num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """The model in train mode, initialised from the recipe's seed, and a copy in eval mode."""
-    torch.manual_seed(recipe.seed)
-    model = build_model(
-        recipe.model,
-        num_classes,
-        width=recipe.width,
-        dropout=recipe.dropout,
-        conv_bias=recipe.conv_bias,
-        logit_scale=recipe.logit_scale,
-    )
-    memory_format = torch.channels_last if _channels_last(recipe, device) else None
-    model = model.to(device, memory_format=memory_format).train()
-    return model, copy.deepcopy(model).eval()
-
-
-def evaluate_checkpoint(
-    payload: dict[str, Any], data_dir: Path | None, device: str = "auto"
-) -> Evaluation:
-    """Test loss and accuracy of a loaded checkpoint, on the test split of its data.
-
-    The weights evaluated are those the run evaluated: a plugin answering
-    ``hooktrain_eval_params`` (``ema``) gets its saved state back and chooses them, with
-    ``run=None``.
-    """
-    recipe = recipe_from_config(payload["config"])
-    torch_device = resolve_device(device)
-    dataset = load_cifar10(data_dir)
-    _, eval_model = _models(recipe, len(dataset.classes), torch_device)
-    _check_compatible(payload["state"], eval_model)
-    state = TrainState.from_dict(payload["state"], torch_device)
-    for plugin in recipe.plugins:
-        plugin.load_state_dict(payload["plugins"].get(plugin.name, {}))
-    hook = make_plugin_manager(recipe.plugins).hook
-    chosen = hook.hooktrain_eval_params(run=None, state=state)
-    if chosen is not None:
-        state = state.replace(params={name: t.to(torch_device) for name, t in chosen.items()})
-    evaluate = build_evaluate(
-        eval_model, _autocast_dtype(recipe, torch_device), tta_flip=recipe.tta_flip
-    )
-    return evaluate(state, _device_data(recipe, dataset, torch_device).test_batches())
+from hooktrain.models import shard_randomness
 
 
 def write_config(out_dir: Path, config: dict[str, Any]) -> None:
-    """Save the resolved configuration in the run folder."""
+    """Save the resolved configuration in the run folder, the first write of every run.
+
+    A folder that cannot be written (a full disk, a read-only file system) stops the run here,
+    before any training, and leaves the files already there as they were.
+    """
+    path = out_dir / CONFIG_FILE
     text = json.dumps(config, indent=2) + "\n"
-    checkpoints.atomic_write(out_dir / CONFIG_FILE, lambda file: file.write(text.encode()))
-
-
-def _check_compatible(saved: dict[str, Any], model: nn.Module) -> None:
-    """The checkpoint's parameters and buffers have the names and shapes of this model's."""
-    for kind, tensors in (
-        ("params", dict(model.named_parameters())),
-        ("buffers", dict(model.named_buffers())),
-    ):
-        if saved[kind].keys() != tensors.keys() or any(
-            saved[kind][name].shape != t.shape for name, t in tensors.items()
-        ):
-            raise HooktrainError(
-                f"The checkpoint's {'parameters' if kind == 'params' else kind} do not fit this "
-                "recipe's model (different names or shapes); use it with the recipe, settings "
-                "and hooktrain version that wrote it."
-            )
-
-
-def compose_pieces(
-    manager: pluggy.PluginManager,
-    build: BuildContext,
-    model: nn.Module,
-    autocast_dtype: torch.dtype | None,
-) -> StepPieces:
-    """The step's pieces: what the plugins contribute, defaults for what none does."""
-    transforms = contributions(manager, "hooktrain_gradient_transform", build=build)
-    replicas = sole_contribution(manager, "hooktrain_replicas", build=build)
-    return StepPieces(
-        model=replicas.train_model(model) if replicas else model,
-        optimizer=build.optimizer,
-        param_names=build.param_names,
-        schedule=sole_contribution(manager, "hooktrain_lr_schedule", build=build)
-        or constant_schedule(build.recipe.max_lr),
-        transforms=[transform for _, transform in transforms],
-        decay=sole_contribution(manager, "hooktrain_weight_decay", build=build),
-        loss=sole_contribution(manager, "hooktrain_loss", build=build) or F.cross_entropy,
-        autocast_dtype=autocast_dtype,
-        replicas=replicas,
-    )
+    try:
+        checkpoints.atomic_write(path, lambda file: file.write(text.encode()))
+    except OSError as error:
+        raise HooktrainError(
+            f"Cannot write {path} ({error.strerror or error}), so training did not start and the "
+            "files already there are as they were; make room on that disk or make the folder "
+            "writable, then run the same command again."
+        ) from error
 
 
 def train(
@@ -254,44 +141,6 @@ class _Lane:
     progress: _EpochProgress
 
 
-def _lockstep_recipe(recipe: Recipe, device: torch.device) -> Recipe:
-    """``recipe`` as seeds trained together run it: in a contiguous memory layout.
-
-    Under torch.func.vmap, channels_last BatchNorm inputs fail on CUDA and bf16 autocast casts
-    some convolutions and BatchNorms and not others; ``auto`` layout becomes contiguous (the
-    same numbers), while autocast, which changes the numbers, is refused in words.
-    """
-    autocast_dtype = _autocast_dtype(recipe, device)
-    if autocast_dtype is not None:
-        raise HooktrainError(
-            f"Seeds cannot be trained together in {str(autocast_dtype).removeprefix('torch.')} "
-            "autocast (the default precision on CUDA), because under torch.func.vmap autocast "
-            "casts some convolutions and BatchNorms and not others; add --set precision=fp32 "
-            "to train them together, or train the seeds one at a time."
-        )
-    if recipe.memory_format == "channels_last":
-        raise HooktrainError(
-            "Seeds cannot be trained together in channels_last, which torch.func.vmap does not "
-            "support for BatchNorm; set memory_format=auto or contiguous, or train the seeds "
-            "one at a time."
-        )
-    return attrs.evolve(recipe, memory_format="contiguous")
-
-
-def _check_vmappable(model: nn.Module) -> None:
-    random_layers = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
-    ]
-    if random_layers:
-        raise HooktrainError(
-            f"Seeds cannot be trained together through torch's own dropout ({random_layers[0]}): "
-            "under vmap its masks would depend on how many seeds run at once. Use "
-            "hooktrain.models.Dropout in the model, or train the seeds one at a time."
-        )
-
-
 def train_seeds(
     recipe: Recipe,
     seeds: Sequence[int],
@@ -316,13 +165,15 @@ def train_seeds(
         raise ValueError("train_seeds needs one out_dir per seed, and at least one seed")
     topology = Topology.from_environment()
     if topology.distributed:
-        _check_data_parallel(recipe, seeds)
+        check_data_parallel(recipe, seeds)
     echo = topology.echo(echo)
     if resume is not None:
         _check_resumable(recipe, out_dirs, resume, echo)
     torch_device = resolve_device(device, topology)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
-    with distributed.process_group(topology, backend):
+    # The main process alone writes the run folders; holding them keeps other processes out.
+    held = hold_run_folders(out_dirs if topology.is_main else [])
+    with held, distributed.process_group(topology, backend):
         try:
             return _train_lanes(
                 recipe,
@@ -337,7 +188,11 @@ def train_seeds(
                 echo=echo,
                 tags=tags,
             )
+        except torch.OutOfMemoryError as error:
+            raise _out_of_memory(error, torch_device) from error
         except RuntimeError as error:
+            if "can't allocate memory" in str(error):  # the CPU allocator's words
+                raise _out_of_memory(error, torch_device) from error
             if not distributed.is_collective_failure(error):
                 raise
             raise HooktrainError(
@@ -349,23 +204,15 @@ def train_seeds(
             ) from error
 
 
+def _out_of_memory(error: BaseException, device: torch.device) -> HooktrainError:
+    return HooktrainError(
+        f"The run does not fit in the memory of {device} ({_first_line(error)}); make the "
+        "model or the batches smaller (--set width=..., --set batch_size=...)."
+    )
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0][:300]
-
-
-def _check_data_parallel(recipe: Recipe, seeds: Sequence[int]) -> None:
-    """A run of several processes can keep its replicas in agreement."""
-    if len(seeds) > 1:
-        raise HooktrainError(
-            "Seeds cannot be trained together under torchrun; train them one after another "
-            "(without --parallel-seeds), or run one torchrun job per seed."
-        )
-    if not call_order(make_plugin_manager(recipe.plugins), "hooktrain_replicas"):
-        raise HooktrainError(
-            f"torchrun started several processes, but the recipe {recipe.name!r} has no plugin "
-            "that keeps their replicas in agreement, so each would train its own model; add "
-            "--with data_parallel."
-        )
 
 
 def _train_lanes(
@@ -385,22 +232,26 @@ def _train_lanes(
     """:func:`train_seeds` once this process knows its device and its place among processes."""
     together = len(seeds) > 1
     if together:
-        recipe = _lockstep_recipe(recipe, torch_device)
-    dataset = load_cifar10(data_dir)
+        recipe = lockstep_recipe(recipe, torch_device)
+    dataset = load_cifar10(data_dir, echo=echo)
     # Seeds differ in initialisation and data order only: one data object serves them all.
-    data = _device_data(recipe, dataset, torch_device, topology)
-    optimizer = make_optimizer(
-        recipe.optimizer,
-        betas=recipe.betas,
-        eps=recipe.eps,
-        momentum=recipe.momentum,
-        nesterov=recipe.nesterov,
-    )
-    autocast_dtype = _autocast_dtype(recipe, torch_device)
+    data = device_data(recipe, dataset, torch_device, topology)
+    if data.n_test == 0:
+        raise HooktrainError(
+            f"The test split of {data_dir or 'the data'} holds no images, so the run could "
+            "never be evaluated; add test images."
+        )
+    optimizer = recipe_optimizer(recipe)
+    autocast_dtype = autocast_dtype_of(recipe, torch_device)
     run_info = {
         "data_dir": str(data_dir.resolve()) if data_dir else None,
         "device": device,
         "processes": topology.world_size,
+        "recipe_file": recipe.source,
+        # What resume checks a checkpoint against before loading data (see engine.saved).
+        "num_classes": len(dataset.classes),
+        "steps_per_epoch": data.steps_per_epoch,
+        "environment": environment_info(torch_device),
     }
 
     lanes: list[_Lane] = []
@@ -409,15 +260,14 @@ def _train_lanes(
         lane_recipe = attrs.evolve(
             recipe, seed=seed, plugins=tuple(copy.deepcopy(p) for p in recipe.plugins)
         )
-        model, eval_model = _models(lane_recipe, len(dataset.classes), torch_device)
+        model, eval_model = build_models(lane_recipe, len(dataset.classes), torch_device)
         shard_randomness(model, topology.rank, topology.world_size)
         state = TrainState.create(model, optimizer, seed)
         progress = _EpochProgress(torch.zeros((), device=torch_device))
         if resume is not None:
-            _check_compatible(resume[index]["state"], model)
+            check_usable(resume[index], lane_recipe, run_info)
             state = TrainState.from_dict(resume[index]["state"], torch_device)
-            for plugin in lane_recipe.plugins:
-                plugin.load_state_dict(resume[index]["plugins"].get(plugin.name, {}))
+            load_plugin_states(lane_recipe.plugins, resume[index])
             saved = resume[index].get("progress", {"loss_sum": 0.0, "seconds": 0.0})
             progress = _EpochProgress(
                 torch.tensor(saved["loss_sum"], device=torch_device), saved["seconds"]
@@ -426,8 +276,7 @@ def _train_lanes(
             # The first seed's modules serve as shapes for all: the states hold the numbers.
             shape_model, shape_eval_model = model, eval_model
         config = {**recipe_to_config(lane_recipe), "run": run_info}
-        if topology.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
+        if topology.is_main:  # the folder is made and held (train_seeds)
             checkpoints.remove_stale_temp_files(out_dir)
             write_config(out_dir, config)
         run = RunContext(
@@ -469,7 +318,7 @@ def _train_lanes(
             first.step, [*first.params.values(), *first.buffers.values(), *optimizer_tensors]
         )
     if together:
-        _check_vmappable(shape_model)
+        check_vmappable(shape_model)
         step_all = build_lane_step(pieces, recipe.compile, recipe.compile_mode)
         evaluate_all = build_lane_evaluate(
             shape_eval_model, autocast_dtype, recipe.compile, recipe.tta_flip
@@ -528,38 +377,6 @@ def _check_resumable(
         echo(f"resuming {out_dir} at step {state['step']} (epoch {state['epoch']} done)")
 
 
-class _StopRequest:
-    """The first SIGINT or SIGTERM received while training, if any."""
-
-    signal_number: int | None = None
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[_StopRequest]:
-    """Turn Ctrl-C and SIGTERM into a request the loop honours after the current step.
-
-    A second signal interrupts at once (KeyboardInterrupt): checkpoint writes are atomic, so
-    even that leaves the files already saved intact. Signal handlers can only be set from the
-    main thread; elsewhere signals keep their default behaviour.
-    """
-    request = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-
-    def handle(number: int, frame: object) -> None:
-        if request.signal_number is not None:
-            raise KeyboardInterrupt
-        request.signal_number = number
-
-    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield request
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def _fit(
     lanes: list[_Lane],
     step_all: LaneStepFn,
@@ -569,7 +386,7 @@ def _fit(
     stop_after_epoch: int | None,
 ) -> list[EpochReport]:
     """The loop over epochs and steps, emitting every event once per lane."""
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         for lane in lanes:
             lane.manager.hook.hooktrain_fit_start(run=lane.run, state=lane.state)
         reports: list[EpochReport] = []
@@ -603,24 +420,25 @@ def _fit(
                 _stop(lanes, "stop_after_epoch")
                 for lane in lanes:
                     lane.run.echo(
-                        f"stopped after epoch {epoch + 1}; continue with: "
-                        f"hooktrain resume {lane.run.out_dir}"
+                        f"stopped after epoch {epoch + 1}; continue with: {lane.run.resume_command}"
                     )
                 return reports
         for lane, report in zip(lanes, reports, strict=True):
             lane.manager.hook.hooktrain_fit_end(run=lane.run, state=lane.state, report=report)
+            if lane.run.is_main:
+                _mark_finished(lane.run)
         return reports
 
 
+def _mark_finished(run: RunContext) -> None:
+    """Record in config.json that the run is complete, so resume never trains it again
+    (whatever plugins it has: a recipe without checkpoint or metrics leaves nothing else)."""
+    write_config(run.out_dir, {**run.config, "run": {**run.config["run"], "finished": True}})
+
+
 def _batches_done(state: TrainState, steps_per_epoch: int) -> int:
-    """How many of the current epoch's batches ``state`` has trained on."""
-    done = state.step - state.epoch * steps_per_epoch
-    if not 0 <= done < steps_per_epoch:
-        raise HooktrainError(
-            f"The checkpoint is at step {state.step} after {state.epoch} epochs, which does not "
-            f"fit {steps_per_epoch} steps per epoch: resume it with the data it was trained on."
-        )
-    return done
+    """How many of the current epoch's batches ``state`` has trained on (checked on resume)."""
+    return state.step - state.epoch * steps_per_epoch
 
 
 def _end_epoch(

@@ -21,8 +21,13 @@ from typing import Any, Literal, get_args, get_origin
 
 import attrs
 
-from hooktrain.engine.plugin import Plugin, class_path, import_object, make_plugin
-from hooktrain.errors import HooktrainError
+from hooktrain.engine.files import RECIPE_FILE_MODULE
+from hooktrain.engine.plugin import (
+    Plugin,
+    import_object,
+    make_plugin,
+)
+from hooktrain.errors import HooktrainError, shown
 
 RECIPE_GROUP = "hooktrain.recipes"
 BUILTIN_RECIPES = {
@@ -40,17 +45,40 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and value <= 0:
         raise HooktrainError(f"{attribute.name} must be greater than 0, not {value!r}.")
+    if value is not None and not math.isfinite(value):
+        raise HooktrainError(f"{attribute.name} must be a finite number, not {value!r}.")
+
+
+def _unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not 0 <= value < 1:
+        raise HooktrainError(f"{attribute.name} must be at least 0 and below 1, not {value!r}.")
+
+
+def _betas(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not all(0 <= beta < 1 for beta in value):
+        raise HooktrainError(
+            f"betas must be two numbers at least 0 and below 1 (e.g. 0.9,0.999), not {value!r}."
+        )
+
+
+def _positive_each(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not all(item > 0 for item in value):
+        raise HooktrainError(f"every value of {attribute.name} must be above 0, not {value!r}.")
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value < 0:
+        raise HooktrainError(f"{attribute.name} must be 0 or more, not {value!r}.")
+
+
+def _name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not value or not value.isprintable():
+        raise HooktrainError(f"A recipe's name must be printable text, not {value!r}.")
 
 
 def _seed(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not -SEED_LIMIT <= value <= SEED_LIMIT:
         raise HooktrainError(f"seed must be between {-SEED_LIMIT} and {SEED_LIMIT}, not {value!r}.")
-
-
-def _shown(text: object) -> str:
-    """User text as typed, quoted only if it holds characters (newlines...) that break a line."""
-    text = str(text)
-    return text if text.isprintable() else repr(text)
 
 
 @attrs.frozen(kw_only=True)
@@ -62,10 +90,10 @@ class Recipe:
     contiguous on CPU.
     """
 
-    name: str
+    name: str = attrs.field(validator=_name)
     model: str = "resnet9"
     width: int = attrs.field(default=64, validator=_positive)
-    dropout: float = 0.0
+    dropout: float = attrs.field(default=0.0, validator=_unit_interval)
     conv_bias: bool = True
     logit_scale: float = attrs.field(default=1.0, validator=_positive)
     tta_flip: bool = False
@@ -73,15 +101,15 @@ class Recipe:
     batch_size: int = attrs.field(default=400, validator=_positive)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     max_lr: float = attrs.field(default=0.01, validator=_positive)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    momentum: float = 0.9
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), validator=_betas)
+    eps: float = attrs.field(default=1e-8, validator=_positive)
+    momentum: float = attrs.field(default=0.9, validator=_unit_interval)
     nesterov: bool = True
-    pad: int = 4
+    pad: int = attrs.field(default=4, validator=_non_negative)
     pad_mode: Literal["reflect", "zeros"] = "reflect"
     flip: bool = True
     mean: tuple[float, float, float] = CIFAR10_MEAN
-    std: tuple[float, float, float] = CIFAR10_STD
+    std: tuple[float, float, float] = attrs.field(default=CIFAR10_STD, validator=_positive_each)
     train_limit: int | None = attrs.field(default=None, validator=_positive)
     eval_batch_size: int = attrs.field(default=1000, validator=_positive)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -92,6 +120,9 @@ class Recipe:
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     seed: int = attrs.field(default=0, validator=_seed)
     plugins: tuple[Plugin, ...] = ()
+    source: str | None = None
+    """The recipe file this recipe came from (absolute path), None for a registered recipe:
+    a run of it resumes only when the user names that file again."""
 
     def plugin(self, name: str) -> Plugin | None:
         """The plugin instance with this name, if the recipe has one."""
@@ -100,7 +131,9 @@ class Recipe:
 
 def field_names(cls: type) -> list[str]:
     """The fields a user may set on an attrs class."""
-    return [f.name for f in attrs.fields(cls) if f.init and f.name not in ("plugins", "name")]
+    return [
+        f.name for f in attrs.fields(cls) if f.init and f.name not in ("plugins", "name", "source")
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +204,7 @@ def _unknown_key(key: str, valid: Sequence[str], where: str) -> HooktrainError:
     )
 
 
-def _evolve(obj: Any, changes: dict[str, Any], where: str, prefix: str = "") -> Any:
+def evolve_checked(obj: Any, changes: dict[str, Any], where: str, prefix: str = "") -> Any:
     """``attrs.evolve`` with every value coerced to its field's type."""
     types_ = typing.get_type_hints(type(obj))
     valid = field_names(type(obj))
@@ -197,19 +230,29 @@ def apply_overrides(
     with_plugins: Sequence[str] = (),
     without_plugins: Sequence[str] = (),
 ) -> Recipe:
-    """The recipe with plugins dropped, added and settings changed, as the command line asks."""
+    """The recipe with plugins dropped, added and settings changed, as the command line asks.
+
+    An added plugin goes after the recipe's plugins but before the ``metrics`` and
+    ``checkpoint`` that close the list, which record and save what the others did; those two,
+    added themselves, go last.
+    """
+    closing = ("metrics", "checkpoint")
     plugins = list(recipe.plugins)
     for name in without_plugins:
         if recipe.plugin(name) is None:
             raise HooktrainError(
-                f"--without {_shown(name)}: the recipe {recipe.name!r} has no plugin {name!r} "
+                f"--without {shown(name)}: the recipe {recipe.name!r} has no plugin {name!r} "
                 f"(its plugins: {', '.join(p.name for p in plugins) or 'none'})."
             )
         plugins = [p for p in plugins if p.name != name]
     for name in with_plugins:
         if any(p.name == name for p in plugins):
             raise HooktrainError(f"--with {name}: the recipe already has the plugin {name!r}.")
-        plugins.append(make_plugin(name))
+        plugin = make_plugin(name)
+        position = len(plugins)
+        while plugin.name not in closing and position and plugins[position - 1].name in closing:
+            position -= 1
+        plugins.insert(position, plugin)
 
     recipe_changes: dict[str, str] = {}
     plugin_changes: dict[str, dict[str, str]] = {}
@@ -222,69 +265,22 @@ def apply_overrides(
                 close = difflib.get_close_matches(prefix, names, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise HooktrainError(
-                    f"--set {_shown(key)}: there is no plugin {prefix!r} in this run "
+                    f"--set {shown(key)}: there is no plugin {prefix!r} in this run "
                     f"({hint}plugins: {', '.join(names) or 'none'}); add it with "
-                    f"--with {_shown(prefix)} or check the spelling."
+                    f"--with {shown(prefix)} or check the spelling."
                 )
             plugin_changes.setdefault(prefix, {})[rest] = value
         else:
             recipe_changes[key] = value
     plugins = [
-        _evolve(p, plugin_changes[p.name], f"The plugin {p.name!r}", f"{p.name}.")
+        evolve_checked(p, plugin_changes[p.name], f"The plugin {p.name!r}", f"{p.name}.")
         if p.name in plugin_changes
         else p
         for p in plugins
     ]
-    return _evolve(attrs.evolve(recipe, plugins=tuple(plugins)), recipe_changes, "The recipe")
-
-
-# --------------------------------------------------------------------------------------------
-# The resolved configuration, saved in the run folder and read back on resume
-# --------------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def recipe_to_config(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as plain JSON data; :func:`recipe_from_config` rebuilds it."""
-    fields = {f: _jsonable(getattr(recipe, f)) for f in ["name", *field_names(Recipe)]}
-    plugins = [
-        {
-            "class": class_path(type(p)),
-            "name": p.name,
-            "settings": {k: _jsonable(v) for k, v in p.settings().items() if k != "name"},
-        }
-        for p in recipe.plugins
-    ]
-    return {"recipe": fields, "plugins": plugins}
-
-
-def recipe_from_config(config: dict[str, Any]) -> Recipe:
-    """The recipe a saved configuration describes."""
-    try:
-        plugins = []
-        for entry in config["plugins"]:
-            try:
-                cls = import_object(entry["class"])
-            except (ImportError, AttributeError) as error:
-                raise HooktrainError(
-                    f"The plugin class {entry['class']} of this run cannot be imported ({error}); "
-                    "install the package that provides it."
-                ) from error
-            plugin = _evolve(
-                cls(name=entry["name"]), entry["settings"], "The saved plugin", f"{entry['name']}."
-            )
-            plugins.append(plugin)
-        fields = dict(config["recipe"])
-        base = Recipe(name=fields.pop("name"), plugins=tuple(plugins))
-        return _evolve(base, fields, "The saved recipe")
-    except (KeyError, TypeError) as error:
-        raise HooktrainError(
-            f"The saved configuration is incomplete ({error!r} missing or malformed); "
-            "it was not written by this version of hooktrain."
-        ) from error
+    return evolve_checked(
+        attrs.evolve(recipe, plugins=tuple(plugins)), recipe_changes, "The recipe"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,14 +296,19 @@ def recipe_paths() -> dict[str, str]:
 
 
 def _file_module(path: Path) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"hooktrain_recipe_{path.stem}", path)
+    spec = importlib.util.spec_from_file_location(f"{RECIPE_FILE_MODULE}{path.stem}", path)
     if spec is None or spec.loader is None:
-        raise HooktrainError(f"{_shown(path)} is not a Python file; a recipe file ends in .py.")
+        raise HooktrainError(f"{shown(path)} is not a Python file; a recipe file ends in .py.")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except HooktrainError:
         raise
+    except SystemExit as error:
+        raise HooktrainError(
+            f"The recipe file {shown(path)} called sys.exit({error.code!r}) while loading, so "
+            "there is no recipe to train; a recipe file only assigns `recipe = Recipe(...)`."
+        ) from error
     except Exception as error:  # the user's own code: one sentence that says what and where
         reason = " ".join(f"{type(error).__name__}: {error}".split())
         reason = reason if len(reason) <= 200 else reason[:197] + "..."
@@ -316,7 +317,7 @@ def _file_module(path: Path) -> types.ModuleType:
         ]
         where = f" at line {lines[-1]}" if lines and not isinstance(error, SyntaxError) else ""
         raise HooktrainError(
-            f"The recipe file {_shown(path)} failed to run{where} ({reason}); fix it and try again."
+            f"The recipe file {shown(path)} failed to run{where} ({reason}); fix it and try again."
         ) from error
     return module
 
@@ -327,14 +328,14 @@ def load_recipe_module(name: str) -> tuple[Recipe, types.ModuleType]:
     if name.endswith(".py"):
         path = Path(name)
         if not path.is_file():
-            raise HooktrainError(f"The recipe file {_shown(path)} does not exist.")
+            raise HooktrainError(f"The recipe file {shown(path)} does not exist.")
         module = _file_module(path)
         recipe = getattr(module, "recipe", None)
         if not isinstance(recipe, Recipe):
             raise HooktrainError(
-                f"{_shown(path)} defines no `recipe = Recipe(...)`; a recipe file must assign one."
+                f"{shown(path)} defines no `recipe = Recipe(...)`; a recipe file must assign one."
             )
-        return recipe, module
+        return attrs.evolve(recipe, source=str(path.resolve())), module
     paths = recipe_paths()
     if name not in paths:
         close = difflib.get_close_matches(name, list(paths), n=1)

@@ -54,7 +54,7 @@ class Checkpoint(Plugin):
         return {"best_accuracy": self.best_accuracy}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_accuracy = state.get("best_accuracy", -1.0)
+        self.best_accuracy = float(state.get("best_accuracy", -1.0))
 
     @hookimpl
     def hooktrain_fit_start(self, run: RunContext, state: TrainState) -> None:
@@ -95,10 +95,11 @@ class Checkpoint(Plugin):
     @hookimpl(trylast=True)
     def hooktrain_fit_end(self, run: RunContext) -> None:
         if self._failure is not None:
+            redo = "the steps after it" if self._earlier(run) else "the run from its start"
             raise HooktrainError(
                 f"The run finished but its last checkpoint could not be written "
                 f"({self._failure}); {self._intact(run)}: make room and `hooktrain resume "
-                f"{run.out_dir}` to redo the steps after it."
+                f"{run.out_dir}` to redo {redo}."
             )
         run.echo(f"checkpoints: {self._folder(run)}")
 
@@ -158,8 +159,13 @@ class Checkpoint(Plugin):
     def _last(self, run: RunContext) -> Path:
         return self._folder(run) / LAST
 
+    def _earlier(self, run: RunContext) -> Path | None:
+        """The checkpoint a resume would start from after a failed save, if any."""
+        files = (self._folder(run) / name for name in (LAST, PREVIOUS, BEST))
+        return next((path for path in files if path.is_file()), None)
+
     def _intact(self, run: RunContext) -> str:
-        last = self._last(run)
-        if last.is_file():
-            return f"the checkpoint saved before it is intact in {last}"
+        earlier = self._earlier(run)
+        if earlier is not None:
+            return f"the checkpoint saved before it is intact in {earlier}"
         return "no earlier checkpoint exists"

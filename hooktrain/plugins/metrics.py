@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import sys
+import weakref
+from typing import Any, TextIO
 
 import attrs
-import click
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
+from tqdm import autonotebook, std
+from tqdm.auto import tqdm
 
 from hooktrain.engine.checkpoints import atomic_write
 from hooktrain.engine.context import EpochReport, RunContext
@@ -19,6 +23,15 @@ from hooktrain.engine.state import TrainState
 
 METRICS_FILE = "metrics.json"
 TENSORBOARD_FOLDER = "tensorboard"
+# Step metrics logged as their value at the logged step; the others as means over the window.
+AT_STEP = frozenset({"lr"})
+# The HPARAMS tab shows each run's latest value of these curves, so a stopped run has them too.
+HPARAM_METRICS = ("test/accuracy", "test/loss")
+# Where output is a log file rather than a terminal, the bar prints a line this often at most.
+LOG_INTERVAL = 30.0
+# Bars of runs that failed stay open (no hook tells a plugin of a failure): the next run closes
+# them, or its bar would be drawn below theirs.
+_open_bars: weakref.WeakSet[tqdm] = weakref.WeakSet()
 
 
 def _hparams(config: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
@@ -35,12 +48,55 @@ def _hparams(config: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
     return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in flat.items()}
 
 
+class _LogLines:
+    """A log file's side of a progress bar: each redraw on a line of its own.
+
+    tqdm redraws its line after a carriage return, which a log file (SLURM, CI) keeps as one
+    ever longer line.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self._stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def _progress_bar(total: int, initial: int, description: str) -> tqdm:
+    """A bar over the whole run, so its ETA is the run's: a widget in a notebook, a line
+    redrawn in a terminal, a line every LOG_INTERVAL seconds in a log file.
+
+    On stdout, with the run's other lines: stderr holds only the sentence of an error.
+    """
+    for stale in list(_open_bars):
+        stale.close()
+    options: dict[str, Any] = {"total": total, "initial": initial, "desc": description}
+    if autonotebook.tqdm is not std.tqdm or sys.stdout.isatty():
+        bar = tqdm(**options, unit="step", file=sys.stdout, dynamic_ncols=True)
+    else:
+        bar = tqdm(**options, unit="step", file=_LogLines(sys.stdout), mininterval=LOG_INTERVAL)
+    _open_bars.add(bar)
+    return bar
+
+
+def _echo(run: RunContext, line: str) -> None:
+    """``run.echo`` with any progress bar on the terminal cleared first and drawn again after."""
+    with tqdm.external_write_mode():
+        run.echo(line)
+
+
 @attrs.define
 class Metrics(Plugin):
     """TensorBoard (losses, accuracy, lr, grad norm, a batch, hparams), progress bar, metrics.json.
 
     Step metrics stay on the device and are summed there; they are read (one host sync) every
-    ``log_every`` steps and at each epoch's end.
+    ``log_every`` steps and at each epoch's end. The progress bar counts the steps of the whole
+    run; seeds trained together share the first seed's.
     """
 
     default_name = "metrics"
@@ -50,10 +106,9 @@ class Metrics(Plugin):
     progress: bool = True
     history: list[dict[str, Any]] = attrs.field(factory=list, init=False)
     _writer: SummaryWriter | None = attrs.field(default=None, init=False)
-    _sums: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False)
+    _pending: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False)
     _window: int = attrs.field(default=0, init=False)
-    _shown: str = attrs.field(default="", init=False)
-    _bar: Any = attrs.field(default=None, init=False)
+    _bar: tqdm | None = attrs.field(default=None, init=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -63,6 +118,9 @@ class Metrics(Plugin):
 
     @hookimpl
     def hooktrain_fit_start(self, run: RunContext, state: TrainState) -> None:
+        if self.progress and run.lane == 0:
+            # A resumed run starts the bar at the steps it has done.
+            self._bar = _progress_bar(run.total_steps, state.step, self._epoch_label(run, state))
         if not self.tensorboard:
             return
         # purge_step drops events a killed process logged after the state we continue from.
@@ -73,27 +131,30 @@ class Metrics(Plugin):
             grid = make_grid(run.data.denormalize(images[:64]).float().cpu(), nrow=8)
             self._writer.add_image("train/augmented_batch", grid, 0)
             self._writer.add_text("config", f"```\n{json.dumps(run.config, indent=2)}\n```", 0)
+            # At the start, so a run stopped or killed before its end is in the HPARAMS tab.
+            experiment, session_start, _ = hparams(
+                _hparams(run.config, run.tags), dict.fromkeys(HPARAM_METRICS)
+            )
+            self._writer.file_writer.add_summary(experiment)
+            self._writer.file_writer.add_summary(session_start)
+            self._writer.flush()  # a checkpoint saved before the first flush skips this on resume
+
+    def _epoch_label(self, run: RunContext, state: TrainState) -> str:
+        together = f" ({run.lanes} seeds)" if run.lanes > 1 else ""
+        return f"epoch {state.epoch + 1}/{run.recipe.epochs}{together}"
 
     @hookimpl
     def hooktrain_epoch_start(self, run: RunContext, state: TrainState) -> None:
-        # Seeds in lockstep share one bar: the first seed's.
-        if self.progress and run.lane == 0:
-            together = f" ({run.lanes} seeds)" if run.lanes > 1 else ""
-            self._bar = click.progressbar(
-                length=run.steps_per_epoch,
-                label=f"epoch {state.epoch + 1}/{run.recipe.epochs}{together}",
-                show_eta=True,
-                item_show_func=lambda _: self._shown,
-            )
-            self._bar.__enter__()
-            # A run resumed inside an epoch has done part of it.
-            self._bar.update(state.step - state.epoch * run.steps_per_epoch)
+        if self._bar is not None:
+            self._bar.set_description_str(self._epoch_label(run, state), refresh=False)
 
     @hookimpl
     def hooktrain_step_end(self, state: TrainState, metrics: dict[str, torch.Tensor]) -> None:
         for key, value in metrics.items():
             value = value.detach().float()
-            self._sums[key] = self._sums[key] + value if key in self._sums else value
+            if key in self._pending and key not in AT_STEP:
+                value = self._pending[key] + value
+            self._pending[key] = value
         self._window += 1
         if state.step % self.log_every == 0:
             self._flush(state.step)
@@ -101,24 +162,28 @@ class Metrics(Plugin):
             self._bar.update(1)
 
     def _flush(self, step: int) -> None:
-        """Read the summed step metrics (one host sync) and log their window means."""
+        """Read the pending step metrics (one host sync) and log them: the window means, and
+        the values at ``step`` of the AT_STEP metrics."""
         if not self._window:
             return
-        means = torch.stack(list(self._sums.values())).div(self._window).tolist()
-        figures = dict(zip(self._sums, means, strict=True))
-        self._sums, self._window = {}, 0
+        values = torch.stack(list(self._pending.values())).tolist()
+        figures = {
+            key: value if key in AT_STEP else value / self._window
+            for key, value in zip(self._pending, values, strict=True)
+        }
+        self._pending, self._window = {}, 0
         if self._writer is not None:
             for key, value in figures.items():
                 self._writer.add_scalar(f"train/{key}", value, step)
-        self._shown = "  ".join(
-            f"{key} {figures[key]:.4g}" for key in ("loss", "lr", "grad_norm") if key in figures
-        )
+        if self._bar is not None:
+            shown = [f"{k} {figures[k]:.4g}" for k in ("loss", "lr", "grad_norm") if k in figures]
+            # Drawn with the next update: a log file gets no line of its own for it.
+            self._bar.set_postfix_str("  ".join(shown), refresh=False)
 
     # First at epoch end: the checkpoint saved after it holds this epoch's record.
     @hookimpl(tryfirst=True)
     def hooktrain_epoch_end(self, run: RunContext, state: TrainState, report: EpochReport) -> None:
         self._flush(state.step)
-        self._close_bar()
         self.history.append(report.to_dict())
         if self._writer is not None:
             self._writer.add_scalar("epoch/train_loss", report.train_loss, state.step)
@@ -126,30 +191,30 @@ class Metrics(Plugin):
             self._writer.add_scalar("test/accuracy", report.test_accuracy, state.step)
             self._writer.add_scalar("epoch/seconds", report.seconds, state.step)
             self._writer.flush()
-        run.echo(
+        _echo(
+            run,
             f"epoch {report.epoch}/{run.recipe.epochs}  train loss {report.train_loss:.4f}  "
             f"test loss {report.test_loss:.4f}  test accuracy {report.test_accuracy:.2%}  "
-            f"{report.seconds:.1f} s"
+            f"{report.seconds:.1f} s",
         )
         self._write_json(run, finished=False)
 
     @hookimpl
     def hooktrain_fit_end(self, run: RunContext, report: EpochReport) -> None:
+        self._close_bar()
         self._write_json(run, finished=True)
         if self._writer is not None:
-            metrics = {
-                "hparam/test_accuracy": report.test_accuracy,
-                "hparam/test_loss": report.test_loss,
-            }
-            self._writer.add_hparams(_hparams(run.config, run.tags), metrics, run_name=".")
+            _, _, session_end = hparams(_hparams(run.config, run.tags), {})
+            self._writer.file_writer.add_summary(session_end)
             self._writer.close()
-        run.echo(
+        _echo(
+            run,
             f"final test accuracy {report.test_accuracy:.2%} "
-            f"({self.wall_seconds():.1f} s of training and evaluation)"
+            f"({self.wall_seconds():.1f} s of training and evaluation)",
         )
 
     @hookimpl
-    def hooktrain_fit_stop(self, run: RunContext, state: TrainState) -> None:
+    def hooktrain_fit_stop(self, state: TrainState) -> None:
         self._flush(state.step)
         self._close_bar()
         if self._writer is not None:
@@ -157,8 +222,7 @@ class Metrics(Plugin):
 
     def _close_bar(self) -> None:
         if self._bar is not None:
-            self._bar.render_progress()  # show the epoch's last window, not the one before
-            self._bar.__exit__(None, None, None)
+            self._bar.close()
             self._bar = None
 
     def wall_seconds(self) -> float:

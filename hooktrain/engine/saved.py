@@ -1,0 +1,163 @@
+"""Checks of a checkpoint's contents against the run that would continue from it.
+
+A checkpoint that passes its checksum and loads with ``weights_only=True`` holds only tensors
+and plain containers, but not necessarily the right ones: a hand-made or foreign file can hold
+a parameter as a list, a step as text, an empty optimizer state or random bytes as an RNG
+state. :func:`state_problem` says in a few words what is wrong before any of it is used, so
+resume passes such a file over for an older one and eval refuses it in a sentence.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from hooktrain.engine.optim import recipe_optimizer
+from hooktrain.engine.plugin import Plugin
+from hooktrain.engine.recipe import Recipe
+from hooktrain.engine.state import TrainState
+from hooktrain.models import build_model
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensors_problem(what: str, saved: Any, expected: dict[str, torch.Tensor]) -> str | None:
+    if not isinstance(saved, dict) or saved.keys() != expected.keys():
+        return f"its {what} do not have this recipe's model's names"
+    for name, tensor in expected.items():
+        value = saved[name]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            return f"its {what} entry {name} does not have the shape {tuple(tensor.shape)}"
+        if value.dtype != tensor.dtype:
+            return f"its {what} entry {name} is {value.dtype}, not {tensor.dtype}"
+    return None
+
+
+def _optimizer_problem(saved: Any, expected: Any) -> str | None:
+    saved_leaves, saved_spec = tree_flatten(saved)
+    expected_leaves, expected_spec = tree_flatten(expected)
+    if saved_spec != expected_spec:
+        return "its optimizer state does not have this recipe's optimizer's structure"
+    for value, template in zip(saved_leaves, expected_leaves, strict=True):
+        if isinstance(template, torch.Tensor) and not (
+            isinstance(value, torch.Tensor)
+            and value.shape == template.shape
+            and value.dtype == template.dtype
+        ):
+            return "its optimizer state holds a tensor of the wrong shape or type"
+    return None
+
+
+def _rng_problem(saved: Any) -> str | None:
+    if not isinstance(saved, dict) or not {"data", "torch"} <= saved.keys():
+        return "its random-number generator states are missing"
+    for name, value in saved.items():
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+            return f"its {name} generator state is not a byte tensor"
+        if name != "cuda":  # a CUDA state can only be tried on a GPU; its size is checked there
+            try:
+                torch.Generator().set_state(value)
+            except RuntimeError:
+                return f"its {name} generator state is not one a generator accepts"
+    return None
+
+
+def state_problem(
+    saved: Any, expected: TrainState, epochs: int, steps_per_epoch: int | None
+) -> str | None:
+    """What makes a checkpoint's ``state`` unusable for a run whose fresh state is
+    ``expected`` (shapes and types only matter: it may live on the meta device), or None.
+
+    ``steps_per_epoch`` (None when unknown) also checks that step and epoch agree.
+    """
+    if not isinstance(saved, dict):
+        return "its state is not a record"
+    step, epoch = saved.get("step"), saved.get("epoch")
+    if not _is_count(step) or not _is_count(epoch):
+        return "its step and epoch are not whole numbers of 0 or more"
+    if epoch > epochs:
+        return f"it is at epoch {epoch} of a run of {epochs}"
+    if steps_per_epoch is not None:
+        done = step - epoch * steps_per_epoch
+        if not (0 <= done < steps_per_epoch or (epoch == epochs and done == 0)):
+            return f"its step {step} does not fit epoch {epoch} at {steps_per_epoch} steps an epoch"
+    return (
+        _tensors_problem("parameters", saved.get("params"), expected.params)
+        or _tensors_problem("buffers", saved.get("buffers"), expected.buffers)
+        or _optimizer_problem(saved.get("opt_state"), expected.opt_state)
+        or _rng_problem(saved.get("rng"))
+    )
+
+
+def progress_problem(saved: Any) -> str | None:
+    """What makes a checkpoint's mid-epoch ``progress`` record unusable, or None."""
+    if saved is None:
+        return None
+    numbers = (int, float)
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("loss_sum"), numbers)
+        and isinstance(saved.get("seconds"), numbers)
+    ):
+        return "its epoch progress record is malformed"
+    return None
+
+
+def plugin_states_problem(saved: Any, plugins: Sequence[Plugin]) -> str | None:
+    """What makes a checkpoint's per-plugin states unusable for ``plugins``, or None.
+
+    Each state is tried on a copy of its plugin, whose ``load_state_dict`` refuses what it
+    cannot take (TypeError, ValueError, KeyError); the plugins themselves stay untouched.
+    """
+    if not isinstance(saved, dict):
+        return "its plugin states are malformed"
+    for plugin in plugins:
+        state = saved.get(plugin.name, {})
+        try:
+            if not isinstance(state, dict):
+                raise TypeError("not a record")
+            copy.deepcopy(plugin).load_state_dict(state)
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            return f"its state of the plugin {plugin.name!r} is malformed ({error})"
+    return None
+
+
+def expected_state(recipe: Recipe, num_classes: int) -> TrainState:
+    """A fresh state of a run of ``recipe`` on the meta device: its shapes and types, no data."""
+    with torch.device("meta"):
+        model = build_model(
+            recipe.model,
+            num_classes,
+            width=recipe.width,
+            dropout=recipe.dropout,
+            conv_bias=recipe.conv_bias,
+            logit_scale=recipe.logit_scale,
+        )
+    return TrainState.create(model, recipe_optimizer(recipe), recipe.seed)
+
+
+def checkpoint_problem(
+    payload: dict[str, Any], recipe: Recipe, run_info: dict[str, Any]
+) -> str | None:
+    """What makes a loaded checkpoint unusable to continue (or evaluate) a run of ``recipe``
+    whose config's ``run`` section is ``run_info``, or None."""
+    num_classes, steps_per_epoch = run_info.get("num_classes"), run_info.get("steps_per_epoch")
+    if not isinstance(num_classes, int):
+        num_classes = 10  # configs written before it was recorded: CIFAR-10 was the only data
+    problem = state_problem(
+        payload["state"],
+        expected_state(recipe, num_classes),
+        recipe.epochs,
+        steps_per_epoch if isinstance(steps_per_epoch, int) else None,
+    )
+    return (
+        problem
+        or progress_problem(payload.get("progress"))
+        or plugin_states_problem(payload["plugins"], recipe.plugins)
+    )
