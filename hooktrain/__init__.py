@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from hooktrain.engine.ablation import Ablation, run_ablation
+    from hooktrain.engine.ablation import Ablation
+    from hooktrain.engine.ablation_runner import run_ablation
     from hooktrain.engine.context import BuildContext, EpochReport, RunContext
     from hooktrain.engine.hookspecs import hookimpl
     from hooktrain.engine.loop import train, train_seeds
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "Ablation": "hooktrain.engine.ablation",
-    "run_ablation": "hooktrain.engine.ablation",
+    "run_ablation": "hooktrain.engine.ablation_runner",
     "BuildContext": "hooktrain.engine.context",
     "EpochReport": "hooktrain.engine.context",
     "RunContext": "hooktrain.engine.context",

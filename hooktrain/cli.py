@@ -19,20 +19,26 @@ import click
 from hooktrain import __version__
 from hooktrain.engine.distributed import Topology, elastic_restart
 from hooktrain.engine.files import (
+    CHECKPOINT_FOLDER,
     CONFIG_FILE,
-    read_json,
-    recipe_file_needed,
     resume_command,
 )
-from hooktrain.engine.folder import claim_run_folder, hold_run_folder
+from hooktrain.engine.resume import (
+    DEVICES,
+    continue_run,
+    data_dir_of,
+    read_run_config,
+    recipe_module_for,
+)
+from hooktrain.engine.run_folder import claim_run_folder, hold_run_folder
 from hooktrain.engine.signals import Interrupted, interrupt_on_signals
-from hooktrain.errors import HooktrainError, TrainingStopped
+from hooktrain.errors import HooktrainError, TrainingStopped, shown
 
 if TYPE_CHECKING:  # the commands import the engine when they run, not at --help
     from hooktrain.engine.ablation import Ablation
     from hooktrain.engine.recipe import Recipe
 
-DEVICES = click.Choice(["auto", "cpu", "cuda"])
+DEVICE_CHOICE = click.Choice(DEVICES)
 
 
 class UserError(click.ClickException):
@@ -58,6 +64,14 @@ class _Commands(click.Group):
             raise _stopped(error, "nothing was changed") from None
         except HooktrainError as error:
             raise UserError(str(error), error.exit_code) from error
+        except OSError as error:
+            if error.filename is None:  # not about a path the user gave: a bug to report
+                raise
+            # A path the system refuses (too long, unreadable, ...), wherever it was first used.
+            raise UserError(
+                f"Cannot use {shown(error.filename)} ({error.strerror or error}); check the path "
+                "and its permissions."
+            ) from error
         except click.UsageError as error:
             # One sentence, as for every other mistake, instead of click's usage block.
             # Named as typed at a shell, whatever the program was called (python -m, tests).
@@ -79,7 +93,11 @@ def _data_dir_option(function: Any) -> Any:
 def _device_option(purpose: str) -> Any:
     """``--device``, for a command that does ``purpose`` ("train", "evaluate") there."""
     return click.option(
-        "--device", type=DEVICES, default="auto", show_default=True, help=f"Where to {purpose}."
+        "--device",
+        type=DEVICE_CHOICE,
+        default="auto",
+        show_default=True,
+        help=f"Where to {purpose}.",
     )
 
 
@@ -186,7 +204,6 @@ def _stopped(error: KeyboardInterrupt | TrainingStopped, advice: str, when: str 
 
 @contextlib.contextmanager
 def _interruptible(run_dir: Path) -> Iterator[None]:
-    from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
 
     try:
         yield
@@ -263,7 +280,8 @@ def ablate(
         )
     import attrs
 
-    from hooktrain.engine.ablation import ABLATION_FILE, Ablation, Factor, run_ablation
+    from hooktrain.engine.ablation import ABLATION_FILE, Ablation, Factor
+    from hooktrain.engine.ablation_runner import run_ablation
     from hooktrain.engine.recipe import load_recipe_module
 
     base, module = load_recipe_module(recipe_name)
@@ -299,7 +317,7 @@ def ablate(
 
 
 def _newest_ablation(recipe: Recipe, ablation: Ablation) -> Path:
-    from hooktrain.engine.ablation import holds_ablation
+    from hooktrain.engine.ablation_runner import holds_ablation
 
     folders = sorted(Path("runs").glob(f"ablate-{recipe.name}-*"), reverse=True)
     match = next((folder for folder in folders if holds_ablation(folder, recipe, ablation)), None)
@@ -331,16 +349,9 @@ def list_() -> None:
 
 def _config_if_readable(run_dir: Path) -> dict[str, Any] | None:
     try:
-        return _read_config(run_dir / CONFIG_FILE)
+        return read_run_config(run_dir / CONFIG_FILE)
     except HooktrainError:
         return None
-
-
-def _data_dir_of(config: dict[str, Any], given: Path | None) -> Path | None:
-    """``--data-dir`` if given, else the folder the run trained on."""
-    run_info = config.get("run")
-    saved = run_info.get("data_dir") if isinstance(run_info, dict) else None
-    return given or (Path(saved) if isinstance(saved, str) and saved else None)
 
 
 def _recipe_option(function: Any) -> Any:
@@ -353,27 +364,12 @@ def _recipe_option(function: Any) -> Any:
     )(function)
 
 
-def _recipe_module(recipe_file: Path | None, config: dict[str, Any]) -> Any:
-    """The module of the recipe file the user named, or a sentence asking for the one needed."""
-    from hooktrain.engine.recipe import load_recipe_module
-
-    if recipe_file is not None:
-        if recipe_file.suffix != ".py":
-            raise HooktrainError(f"--recipe {recipe_file}: a recipe file ends in .py.")
-        return load_recipe_module(str(recipe_file))[1]
-    needed = recipe_file_needed(config)
-    if needed is not None:
-        raise HooktrainError(
-            f"This run uses plugins defined in its recipe file {needed}; name it with "
-            f"--recipe {needed} (a recipe file's code runs only when you name it)."
-        )
-    return None
-
-
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
 @_data_dir_option
-@click.option("--device", type=DEVICES, help="Where to train (default: as the run was started).")
+@click.option(
+    "--device", type=DEVICE_CHOICE, help="Where to train (default: as the run was started)."
+)
 @_recipe_option
 def resume(
     run_dir: Path, data_dir: Path | None, device: str | None, recipe_file: Path | None
@@ -384,79 +380,20 @@ def resume(
     killed before its first checkpoint starts again from the beginning. Under torchrun, with
     any number of processes. A finished run is never trained again.
     """
-    config = _read_config(run_dir / CONFIG_FILE)  # before importing torch: a typo says so fast
+    config = read_run_config(run_dir / CONFIG_FILE)  # before torch loads: a typo says so fast
     # A run another process is training is refused before its checkpoints are read.
     is_main = Topology.from_environment().is_main
     with hold_run_folder(run_dir) if is_main else contextlib.nullcontext():
-        _continue_run(run_dir, data_dir, device, _recipe_module(recipe_file, config))
+        _continue_run(run_dir, data_dir, device, recipe_module_for(recipe_file, config))
 
 
 def _continue_run(
-    run_dir: Path, data_dir: Path | None, device: str | None, recipe_module: Any = None
+    run_dir: Path, data_dir: Path | None, device: str | None, recipe_module: Any
 ) -> None:
-    config = _read_config(run_dir / CONFIG_FILE)
-    if config["run"].get("finished") is True:
-        epochs = config["recipe"].get("epochs")
-        raise HooktrainError(
-            f"The run in {run_dir} has finished (epoch {epochs} of {epochs}); there is nothing "
-            "to resume: start a new one with `hooktrain run`."
-        )
-
-    from hooktrain.engine.checkpoints import newest_usable_checkpoint
-    from hooktrain.engine.config import recipe_from_config
-    from hooktrain.engine.loop import train
-    from hooktrain.engine.saved import checkpoint_problem
-    from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
-
-    recipe = recipe_from_config(config, recipe_module)
-
-    def belongs(payload: dict[str, Any]) -> str | None:
-        saved = payload["config"]
-        if payload["recipe"] != config["recipe"].get("name"):
-            return f"it was written by the recipe {payload['recipe']!r}, not this run's"
-        if not isinstance(saved, dict) or (saved.get("recipe"), saved.get("plugins")) != (
-            config["recipe"],
-            config["plugins"],
-        ):
-            return "it was written by a run with other settings"
-        return checkpoint_problem(payload, recipe, config["run"])
-
-    echo = Topology.from_environment().echo(click.echo)
-    found = newest_usable_checkpoint(run_dir / CHECKPOINT_FOLDER, belongs, echo)
-    if found is None:
-        echo(f"{run_dir} has no checkpoint yet: starting the run from its beginning")
-    saved_device = config["run"].get("device")
     with _interruptible(run_dir):
-        train(
-            recipe,
-            out_dir=run_dir,
-            data_dir=_data_dir_of(config, data_dir),
-            device=device or (saved_device if saved_device in DEVICES.choices else "auto"),
-            resume=None if found is None else found[1],
-            echo=click.echo,
+        continue_run(
+            run_dir, data_dir=data_dir, device=device, recipe_module=recipe_module, echo=click.echo
         )
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    """A run folder's config.json, or a sentence saying why it is not usable."""
-    if not path.is_file():
-        raise HooktrainError(
-            f"{path.parent} is not a hooktrain run folder (no {path.name}); pass the folder "
-            "`hooktrain run --out` wrote."
-        )
-    try:
-        config = read_json(path)
-        if not isinstance(config, dict) or not all(
-            isinstance(config.get(key), kind)
-            for key, kind in (("recipe", dict), ("plugins", list), ("run", dict))
-        ):
-            raise ValueError("the recipe, plugins or run section is missing")
-    except ValueError as error:
-        raise HooktrainError(
-            f"{path} is damaged ({type(error).__name__}: {error}); restore it from a copy, or "
-            "start the run again with `hooktrain run ... --overwrite`."
-        ) from error
-    return config
 
 
 @main.command(name="eval")
@@ -472,7 +409,7 @@ def eval_(checkpoint: Path, data_dir: Path | None, device: str, recipe_file: Pat
     payload = load_checkpoint(checkpoint)
     config = payload["config"] if isinstance(payload["config"], dict) else {}
     result = evaluate_checkpoint(
-        payload, _data_dir_of(config, data_dir), device, _recipe_module(recipe_file, config)
+        payload, data_dir_of(config, data_dir), device, recipe_module_for(recipe_file, config)
     )
     click.echo(
         f"{checkpoint}: test accuracy {result.accuracy:.2%}, test loss {result.loss:.4f} "

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from hooktrain.errors import HooktrainError
+
+if TYPE_CHECKING:
+    from hooktrain.engine.recipe import Recipe
 
 
 def conv_bn_relu(
@@ -174,3 +177,15 @@ def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
             f"Unknown model {name!r}; set model to one of {', '.join(sorted(MODELS))}."
         )
     return MODELS[name](num_classes=num_classes, **options)
+
+
+def recipe_model(recipe: Recipe, num_classes: int) -> nn.Module:
+    """The model a recipe names, built with the recipe's model fields."""
+    return build_model(
+        recipe.model,
+        num_classes,
+        width=recipe.width,
+        dropout=recipe.dropout,
+        conv_bias=recipe.conv_bias,
+        logit_scale=recipe.logit_scale,
+    )

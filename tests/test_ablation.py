@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import statistics
 import traceback
 from collections.abc import Callable, Sequence
@@ -35,15 +36,16 @@ from hooktrain.engine.ablation import (
     CELLS_FOLDER,
     TABLE_FILE,
     Ablation,
-    AblationResult,
     Cell,
     Factor,
     cell_recipe,
-    run_ablation,
     split_values,
 )
+from hooktrain.engine.ablation_results import AblationResult
+from hooktrain.engine.ablation_runner import run_ablation
 from hooktrain.engine.checkpoints import load_checkpoint
 from hooktrain.engine.context import EpochReport
+from hooktrain.engine.files import CONFIG_FILE
 from hooktrain.engine.recipe import Recipe, apply_overrides, load_recipe
 from hooktrain.errors import HooktrainError
 from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER, LAST
@@ -260,9 +262,9 @@ def test_api_rejects_bad_ablations(flagship: Recipe) -> None:
     """The Python API checks what the command line checks, with HooktrainError."""
     with pytest.raises(HooktrainError, match="at least one --vary"):
         Ablation(vary={})
-    with pytest.raises(HooktrainError, match="--seeds and --parallel-seeds must be at least 1"):
+    with pytest.raises(HooktrainError, match="--seeds and --parallel-seeds must be 1 to 10000"):
         Ablation(vary={"max_lr": [0.01]}, seeds=0)
-    with pytest.raises(HooktrainError, match="--seeds and --parallel-seeds must be at least 1"):
+    with pytest.raises(HooktrainError, match="--seeds and --parallel-seeds must be 1 to 10000"):
         Ablation(vary={"max_lr": [0.01]}, parallel_seeds=0)
     with pytest.raises(HooktrainError, match="mode must be one of grid, one-at-a-time"):
         Ablation(vary={"max_lr": [0.01]}, mode="pairs")  # type: ignore[arg-type]
@@ -423,7 +425,7 @@ def test_recipe_without_a_declared_ablation_needs_vary(tmp_path: Path) -> None:
 def test_seed_counts_below_one_are_refused(tmp_path: Path, option: str) -> None:
     out = tmp_path / "ablation"
     result = invoke("ablate", FLAGSHIP, "--vary", "grad_clip=on,off", option, "0", "--out", out)
-    assert_user_error(result, "--seeds and --parallel-seeds must be at least 1")
+    assert_user_error(result, "--seeds and --parallel-seeds must be 1 to 10000")
     assert not out.exists()
 
 
@@ -553,7 +555,7 @@ def test_interrupted_ablation_continues_without_retraining(
     tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C in the third run: exit 130 and how to continue; the same command then trains only
-    the two missing runs (the half-made folder is replaced), the finished runs stay untouched
+    the two missing runs (the half-made run folder is replaced), the finished runs stay untouched
     and the final ablation.json has all four; a third time trains nothing."""
     out = tmp_path / "ablation"
     command = [
@@ -565,9 +567,8 @@ def test_interrupted_ablation_continues_without_retraining(
 
     def interrupting(recipe: Recipe, seeds: Sequence[int], **kwargs: Any) -> Any:
         calls.append(list(seeds))
-        if len(calls) == 3:  # a run cut off halfway leaves a folder behind
-            kwargs["out_dirs"][0].mkdir(parents=True)
-            (kwargs["out_dirs"][0] / "half-made").write_text("from the interrupted attempt")
+        if len(calls) == 3:  # a run cut off halfway leaves its config.json behind
+            shutil.copy(run_dir(out, "baseline", 0) / CONFIG_FILE, kwargs["out_dirs"][0])
             raise KeyboardInterrupt
         return real_train_seeds(recipe, seeds, **kwargs)
 
@@ -601,7 +602,9 @@ def test_interrupted_ablation_continues_without_retraining(
     assert f"continuing the ablation in {out}: 2 finished runs are kept" in output
     assert "[1/2 baseline] finished before, skipped" in output
     assert [(path.stat().st_mtime_ns, path.read_bytes()) for path in finished] == before
-    assert not (run_dir(out, "grad_clip=off", 0) / "half-made").exists()
+    # The leftover (the baseline's config) was replaced by the cell's own run.
+    replaced = read_json(run_dir(out, "grad_clip=off", 0) / CONFIG_FILE)
+    assert "grad_clip" not in [plugin["name"] for plugin in replaced["plugins"]]
     saved = read_json(out / ABLATION_FILE)
     for cell in saved["cells"]:
         assert sorted(cell["runs"]) == ["0", "1"]

@@ -404,7 +404,11 @@ def test_sharded_dropout_draws_the_global_mask() -> None:
     ("environment", "expected"),
     [
         ({}, Topology(0, 1, 0)),
-        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, Topology(3, 4, 1)),
+        (
+            {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+            | {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"},
+            Topology(3, 4, 1),
+        ),
     ],
 )
 def test_topology_from_torchrun_environment(environment: dict, expected: Topology) -> None:

@@ -22,7 +22,7 @@ from conftest import assert_user_error
 
 from hooktrain.cli import main
 from hooktrain.engine.files import CONFIG_FILE
-from hooktrain.engine.folder import LOCK_FILE, hold_run_folder, not_a_run
+from hooktrain.engine.run_folder import LOCK_FILE, hold_run_folder, not_a_run
 from hooktrain.errors import HooktrainError
 
 FLAGSHIP = "resnet9_cifar10"
@@ -43,8 +43,8 @@ def run_tiny(data: Path, out: str | Path, *extra: str) -> Result:
 
 def in_use(folder: Path | str, pid: int) -> str:
     return (
-        f"Error: {folder} is in use by another hooktrain process (pid {pid}); wait for it or "
-        "pass another --out."
+        f"Error: {folder} is in use by another hooktrain process (pid {pid}); wait for it to end, "
+        "or use another folder."
     )
 
 
@@ -155,7 +155,7 @@ def test_a_folder_in_use_refuses_another_run_resume_and_overwrite_until_its_proc
 HOLDER = """
 import sys, time
 from pathlib import Path
-from hooktrain.engine.folder import hold_run_folder
+from hooktrain.engine.run_folder import hold_run_folder
 
 with hold_run_folder(Path(sys.argv[1])):
     print("held", flush=True)
@@ -362,3 +362,29 @@ def test_a_folder_left_by_a_run_killed_at_its_start_is_reused(
         "metrics.json",
         "tensorboard",
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablation folders: a seed folder left by an interrupted attempt is replaced like a run
+
+
+def test_an_ablation_never_deletes_through_a_linked_cell_folder(
+    tiny_cifar: Path, tmp_path: Path
+) -> None:
+    """An ablation continued after cells/baseline became a link to someone's folder stops in
+    a sentence before replacing the unfinished seed, and the linked folder keeps its files."""
+    args = ["ablate", "resnet9_cifar10", "--vary", "grad_clip=on,off", "--seeds", "2"]
+    args += [*TINY, "--data-dir", str(tiny_cifar), "--out", str(tmp_path / "abl")]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    results = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    baseline = next(cell for cell in results["cells"] if cell["name"] == "baseline")
+    del baseline["runs"]["1"]  # seed 1 of the baseline is to be trained again
+    (tmp_path / "abl" / "ablation.json").write_text(json.dumps(results))
+    victim = tmp_path / "someone"
+    shutil.move(tmp_path / "abl" / "cells" / baseline["folder"], victim)
+    (victim / "seed-1" / "notes.txt").write_text("mine")
+    before = snapshot(victim)
+    (tmp_path / "abl" / "cells" / baseline["folder"]).symlink_to(victim)
+    assert_user_error(invoke(*args), "is not a folder of this ablation", "a link")
+    assert snapshot(victim) == before

@@ -33,7 +33,7 @@ from hooktrain.engine.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from hooktrain.engine.files import CONFIG_FILE
+from hooktrain.engine.files import CONFIG_FILE, METRICS_FILE, TENSORBOARD_FOLDER
 from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST, PREVIOUS
 
 FLAGSHIP = "resnet9_cifar10"
@@ -248,7 +248,7 @@ def test_a_malicious_checkpoint_runs_no_code(
     path = tmp_path / "evil.pt"
     if with_checksum:  # a forged checksum does not make it loadable
         with path.open("wb") as file:
-            checkpoints._write_checksummed(payload, file)
+            checkpoints.write_checksummed(payload, file)
     else:
         torch.save(payload, path)
     assert_user_error(invoke("eval", path), "asks to import", "no code can run")
@@ -291,14 +291,14 @@ def _full_disk_while(monkeypatch: pytest.MonkeyPatch, failing_saves: set[int]) -
     zip writer turns it into a RuntimeError of its own unless hooktrain looks past it); the
     subprocess tests in section 9 fill real disks.
     """
-    real_write = checkpoints._write_checksummed
+    real_write = checkpoints.write_checksummed
     count = {"saves": 0}
 
     def write(payload: dict[str, Any], file: Any) -> None:
         count["saves"] += 1
         real_write(payload, _DiskWithRoom(file, 1000) if count["saves"] in failing_saves else file)
 
-    monkeypatch.setattr(checkpoints, "_write_checksummed", write)
+    monkeypatch.setattr(checkpoints, "write_checksummed", write)
 
 
 def test_a_full_disk_for_a_while_loses_nothing(
@@ -751,6 +751,25 @@ def test_a_config_that_cannot_be_written_leaves_a_resumed_run_as_it_was(
     assert sentence.startswith(f"Error: Cannot write {folder / CONFIG_FILE} (File too large)")
     assert "the files already there are as they were" in sentence
     assert contents(folder) == before
+
+
+def test_logs_that_cannot_be_written_warn_and_training_goes_on(
+    reference: Path, stopped: Path, tmp_path: Path
+) -> None:
+    """TensorBoard's folder is a file and metrics.json a folder, so both writes really fail
+    (FileExistsError, IsADirectoryError): two warnings, and the run ends as it would have."""
+    folder = Path(shutil.copytree(stopped, tmp_path / "run"))
+    shutil.rmtree(folder / TENSORBOARD_FOLDER)
+    (folder / TENSORBOARD_FOLDER).write_text("not a folder")
+    (folder / METRICS_FILE).unlink(missing_ok=True)  # stopped before its first epoch ended
+    (folder / METRICS_FILE).mkdir()
+    process = hooktrain_process("resume", folder)
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert process.stdout.count("warning: TensorBoard logging stopped") == 1
+    assert f"warning: could not write {folder / METRICS_FILE}" in process.stdout
+    assert "final test accuracy" in process.stdout
+    assert (folder / TENSORBOARD_FOLDER).read_text() == "not a folder"
+    assert_same_state(final_state(folder), final_state(reference))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for reading CIFAR-10 from disk (hooktrain.engine.sources, folders, cache).
+"""Tests for reading CIFAR-10 from disk (hooktrain.engine.sources, image_folders, cache).
 
 Hostile files are real: FIFOs, links to /dev/zero, crafted pickles and PNGs, bit flips
 in a real cache file; loads that could hang or fill memory run in a forked child.
@@ -26,7 +26,7 @@ import torchvision
 from PIL import Image
 from torchvision.io import write_jpeg, write_png
 
-from hooktrain.engine import folders
+from hooktrain.engine import image_folders
 from hooktrain.engine.cache import default_cache_dir
 from hooktrain.engine.data import CIFAR10_CLASSES, ImageDataset
 from hooktrain.engine.sources import default_data_dir, load_cifar10
@@ -338,7 +338,7 @@ def test_second_load_comes_from_cache_and_data_dir_is_untouched(
     def no_decoding(*args: object) -> None:
         raise AssertionError("decoded again although the cache was warm")
 
-    monkeypatch.setattr(folders, "_decode_files", no_decoding)
+    monkeypatch.setattr(image_folders, "_decode_files", no_decoding)
     second = load_cifar10(data_dir)
 
     assert_same_dataset(first, second)

@@ -267,6 +267,20 @@ MALFORMED = {
     "plugin state of the wrong kind": lambda payload: payload["plugins"].update(
         checkpoint={"best_accuracy": "high"}
     ),
+    "a state that is a tensor": lambda payload: payload.update(state=torch.zeros(3)),
+    "a sparse parameter": lambda payload: payload["state"]["params"].update(
+        {"0.0.weight": payload["state"]["params"]["0.0.weight"].to_sparse()}
+    ),
+    "no progress record": lambda payload: payload.update(progress=None),
+    "progress as whole numbers": lambda payload: payload.update(
+        progress={"loss_sum": 10**100, "seconds": 0}
+    ),
+    "metrics history of text": lambda payload: payload["plugins"].update(
+        metrics={"history": "abc"}
+    ),
+    "metrics history of foreign records": lambda payload: payload["plugins"].update(
+        metrics={"history": [{"x": 1}]}
+    ),
 }
 
 
@@ -288,6 +302,9 @@ HAND_EDITED = {
     "a number as the name": lambda config: config["recipe"].update(name=5),
     "plugins as text": lambda config: config.update(plugins="all"),
     "a plugin without a class": lambda config: config["plugins"][0].pop("class"),
+    "infinite epochs": lambda config: config["recipe"].update(epochs=float("inf")),
+    "a width beyond floats": lambda config: config["recipe"].update(width=10**400),
+    "a name that climbs out of runs/": lambda config: config["recipe"].update(name="../../x"),
 }
 
 
@@ -343,3 +360,76 @@ def _sets() -> list[str]:
         "--device",
         "cpu",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# What a hostile session found (each a traceback or a hang before)
+
+
+@pytest.fixture
+def stopped_ema_run(tiny_cifar: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "ema"
+    recipe = apply_overrides(tiny("epochs=3"), with_plugins=["ema"])
+    train(recipe, out_dir=out, data_dir=tiny_cifar, device="cpu", stop_after_epoch=2, echo=quiet)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("average", "fragment"),
+    [([1, 2], "can be resumed"), ({}, "does not fit"), ("double", "does not fit")],
+)
+def test_a_saved_ema_average_that_does_not_fit_is_a_sentence(
+    stopped_ema_run: Path, average: Any, fragment: str
+) -> None:
+    folder = stopped_ema_run / CHECKPOINT_FOLDER
+    for other in ("previous.pt", "best.pt"):
+        (folder / other).unlink(missing_ok=True)
+
+    def change(payload: dict[str, Any]) -> None:
+        saved = payload["plugins"]["ema"]["average"]
+        doubled = {name: tensor.double() for name, tensor in saved.items()}
+        payload["plugins"]["ema"]["average"] = doubled if average == "double" else average
+
+    _rewrite_last(stopped_ema_run, change)
+    assert_user_error(invoke("resume", stopped_ema_run), fragment)
+    assert_user_error(invoke("eval", folder / LAST))
+
+
+def test_paths_the_system_refuses_are_a_sentence(tmp_path: Path) -> None:
+    too_long = "x" * 300
+    assert_user_error(invoke("resume", too_long), "File name too long")
+    assert_user_error(invoke("eval", too_long + ".pt"), "File name too long")
+    assert_user_error(invoke("run", too_long + ".py"), "File name too long")
+
+
+def test_a_recipe_file_raising_a_base_exception_is_a_sentence(tmp_path: Path) -> None:
+    (tmp_path / "raises.py").write_text("raise BaseException('not an Exception')\n")
+    assert_user_error(invoke("run", "raises.py"), "failed to run", "BaseException")
+
+
+def test_torchrun_variables_without_torchrun_are_a_sentence(
+    monkeypatch: pytest.MonkeyPatch, tiny_cifar: Path
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("run", "resnet9_cifar10", *_sets(), "--data-dir", tiny_cifar, "--out", "r")
+    assert_user_error(result, "WORLD_SIZE=2", "MASTER_ADDR")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "zz")
+    result = invoke("run", "resnet9_cifar10", *_sets(), "--data-dir", tiny_cifar, "--out", "r")
+    assert result.exit_code == 0, result.output
+
+
+def test_an_absurd_number_of_seeds_is_refused_at_once() -> None:
+    result = invoke("ablate", "resnet9_cifar10", "--vary", "grad_clip=on,off", "--seeds", 10**11)
+    assert_user_error(result, "--seeds", "1 to 10000")
+
+
+@pytest.mark.parametrize("accuracy", ["x", float("nan"), 7.0])
+def test_tampered_ablation_results_are_a_sentence(tiny_cifar: Path, accuracy: Any) -> None:
+    command = ["ablate", "resnet9_cifar10", "--vary", "grad_clip=on,off", "--seeds", "1"]
+    command += [*_sets(), "--data-dir", str(tiny_cifar), "--out", "abl"]
+    assert invoke(*command).exit_code == 0
+    results = read_json(Path("abl/ablation.json"))
+    results["cells"][0]["runs"]["0"]["test_accuracy"] = accuracy
+    write_json(Path("abl/ablation.json"), results)
+    assert_user_error(invoke(*command), "cannot be read as a hooktrain ablation")

@@ -3,7 +3,7 @@
 Synopsis::
 
     ablation = Ablation(vary={"grad_clip": ["on", "off"], "max_lr": [0.005, 0.01]}, seeds=5)
-    result = run_ablation(recipe, ablation, out_dir=Path("runs/clip-vs-lr"))
+    result = run_ablation(recipe, ablation, out_dir=Path("runs/clip-vs-lr"))  # ablation_runner
     print(result.table())
 
 A factor's first value is its baseline. A factor is a plugin switched ``on``/``off``, a plugin
@@ -18,20 +18,13 @@ import difflib
 import hashlib
 import itertools
 import json
-import math
 import re
-import shutil
-import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
 
-from hooktrain.engine import checkpoints
 from hooktrain.engine.config import recipe_to_config
-from hooktrain.engine.files import read_json
 from hooktrain.engine.plugin import plugin_classes
 from hooktrain.engine.recipe import Recipe, apply_overrides, field_names, parse_assignment
 from hooktrain.errors import HooktrainError
@@ -43,6 +36,7 @@ FORMAT = "hooktrain-ablation"
 VERSION = 1
 ON, OFF = "on", "off"
 MODES = ("grid", "one-at-a-time")
+MAX_SEEDS = 10_000  # far beyond any table worth reading; a typo beyond it would fill memory
 Mode = Literal["grid", "one-at-a-time"]
 
 
@@ -168,9 +162,9 @@ class Ablation:
                 raise HooktrainError(f"--vary {key} is given twice; list all its values in one.")
         if self.mode not in MODES:
             raise HooktrainError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}.")
-        if self.seeds < 1 or self.parallel_seeds < 1:
+        if not (1 <= self.seeds <= MAX_SEEDS and 1 <= self.parallel_seeds <= MAX_SEEDS):
             raise HooktrainError(
-                f"--seeds and --parallel-seeds must be at least 1, not {self.seeds} and "
+                f"--seeds and --parallel-seeds must be 1 to {MAX_SEEDS}, not {self.seeds} and "
                 f"{self.parallel_seeds}."
             )
 
@@ -299,268 +293,3 @@ def cell_recipe(recipe: Recipe, cell: Cell, toggles: set[str]) -> Recipe:
     without_plugins = [k for k, v in switched if v == OFF and recipe.plugin(k) is not None]
     assignments = [f"{k}={v}" for k, v in cell.settings if k not in toggles]
     return apply_overrides(recipe, assignments, with_plugins, without_plugins)
-
-
-# --------------------------------------------------------------------------------------------
-# Results and the table
-# --------------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class CellSummary:
-    """A cell's figures over its seeds; accuracies are fractions, ``delta`` is against the
-    baseline, paired by seed, with its 95% interval (None with fewer than two seeds)."""
-
-    cell: str
-    baseline: bool
-    runs: int
-    mean: float
-    std: float | None
-    delta: float | None
-    delta_low: float | None
-    delta_high: float | None
-    seconds: float
-
-
-def _t_quantile(probability: float, degrees: int) -> float:
-    from scipy import stats  # imported here: a second of import time only ablations pay
-
-    return float(stats.t.ppf(probability, degrees))
-
-
-def summarise(
-    cell: Cell, accuracies: Sequence[float], baseline: Sequence[float] | None, seconds: float
-) -> CellSummary:
-    """Mean, std (n-1) and, against ``baseline`` (same seeds, same order), the paired delta."""
-    n = len(accuracies)
-    std = statistics.stdev(accuracies) if n > 1 else None
-    delta = low = high = None
-    if baseline is not None:
-        differences = [a - b for a, b in zip(accuracies, baseline, strict=True)]
-        delta = statistics.fmean(differences)
-        if n > 1:
-            half = _t_quantile(0.975, n - 1) * statistics.stdev(differences) / math.sqrt(n)
-            low, high = delta - half, delta + half
-    mean = statistics.fmean(accuracies)
-    return CellSummary(cell.name, cell.baseline, n, mean, std, delta, low, high, seconds)
-
-
-@attrs.define
-class AblationResult:
-    """Everything ``ablation.json`` holds: the spec, the cells and every finished run."""
-
-    spec: dict[str, Any]
-    cells: list[Cell]
-    runs: dict[str, dict[str, dict[str, float]]]  # cell name -> seed -> figures
-
-    def summaries(self) -> list[CellSummary]:
-        """One summary per cell with all its seeds finished, the baseline's first."""
-        seeds = [str(s) for s in self.spec["seeds"]]
-
-        def accuracies(cell: Cell) -> list[float] | None:
-            runs = self.runs.get(cell.name, {})
-            if not all(s in runs for s in seeds):
-                return None
-            return [runs[s]["test_accuracy"] for s in seeds]
-
-        base = accuracies(self.cells[0])
-        summaries = []
-        for cell in self.cells:
-            cell_accuracies = accuracies(cell)
-            if cell_accuracies is None:
-                continue
-            seconds = sum(run["seconds"] for run in self.runs[cell.name].values())
-            reference = None if cell.baseline else base
-            summaries.append(summarise(cell, cell_accuracies, reference, seconds))
-        return summaries
-
-    def to_json(self) -> dict[str, Any]:
-        """The file's contents; :meth:`from_json` reads them back."""
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "spec": self.spec,
-            "cells": [
-                {
-                    "name": cell.name,
-                    "folder": cell.folder,
-                    "baseline": cell.baseline,
-                    "settings": dict(cell.settings),
-                    "runs": self.runs.get(cell.name, {}),
-                }
-                for cell in self.cells
-            ],
-            "summary": [attrs.asdict(summary) for summary in self.summaries()],
-        }
-
-    def table(self) -> str:
-        """The summaries as a Markdown table, accuracies in percent, deltas in points."""
-
-        def percent(value: float | None) -> str:
-            return "-" if value is None else f"{100 * value:.2f}"
-
-        lines = [
-            "| cell | seeds | test accuracy % (mean ± std) | Δ vs baseline, points [95% CI] "
-            "| wall s |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for s in self.summaries():
-            accuracy = percent(s.mean) + ("" if s.std is None else f" ± {percent(s.std)}")
-            if s.baseline:
-                delta = "(baseline)"
-            elif s.delta is None:
-                delta = "- (baseline unfinished)"
-            else:
-                interval = (
-                    ""
-                    if s.delta_low is None
-                    else (f" [{100 * s.delta_low:+.2f}, {100 * s.delta_high:+.2f}]")
-                )
-                delta = f"{100 * s.delta:+.2f}{interval}"
-            lines.append(f"| {s.cell} | {s.runs} | {accuracy} | {delta} | {s.seconds:.1f} |")
-        return "\n".join(lines)
-
-    def markdown(self) -> str:
-        """``ablation.md``: what was varied, the table, and how to read it."""
-        recipe = self.spec["recipe"]["recipe"]["name"]
-        vary = "; ".join(f"{k} = {', '.join(v)}" for k, v in self.spec["vary"].items())
-        seeds = ", ".join(map(str, self.spec["seeds"]))
-        return (
-            f"# Ablation of {recipe}\n\n"
-            f"Varied ({self.spec['mode']}, first value = baseline): {vary}.\n"
-            f"Seeds: {seeds}. Accuracy is the final test accuracy; std is over seeds (n-1).\n"
-            "Δ is the mean over seeds of (cell - baseline) for the same seed, with a 95% paired "
-            "t interval; wall s is the time spent training the cell's seeds.\n\n"
-            f"{self.table()}\n"
-        )
-
-
-def _read_result(path: Path, spec: dict[str, Any], cells: list[Cell]) -> AblationResult:
-    try:
-        saved = read_json(path)
-        if (
-            not isinstance(saved, dict)
-            or saved.get("format") != FORMAT
-            or saved.get("version") != VERSION
-        ):
-            raise ValueError("not an ablation file of this version")
-        runs = {cell["name"]: dict(cell["runs"]) for cell in saved["cells"]}
-        saved_spec = saved["spec"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise HooktrainError(
-            f"{path} cannot be read as a hooktrain ablation ({error}); pass another --out."
-        ) from error
-    if saved_spec != json.loads(json.dumps(spec)):
-        differs = [key for key in spec if saved_spec.get(key) != json.loads(json.dumps(spec[key]))]
-        raise HooktrainError(
-            f"{path.parent} holds an ablation with other settings (its {', '.join(differs)} "
-            "differ); repeat the command that started it to continue it, or pass another --out."
-        )
-    return AblationResult(spec, cells, runs)
-
-
-def _write(out_dir: Path, result: AblationResult) -> None:
-    text = json.dumps(result.to_json(), indent=2) + "\n"
-    checkpoints.atomic_write(out_dir / ABLATION_FILE, lambda file: file.write(text.encode()))
-    markdown = result.markdown()
-    checkpoints.atomic_write(out_dir / TABLE_FILE, lambda file: file.write(markdown.encode()))
-
-
-def holds_ablation(folder: Path, recipe: Recipe, ablation: Ablation) -> bool:
-    """Whether ``folder`` has an ablation file with exactly this ablation's spec."""
-    try:
-        saved = read_json(folder / ABLATION_FILE)
-    except ValueError:
-        return False
-    return isinstance(saved, dict) and saved.get("spec") == json.loads(
-        json.dumps(ablation.spec(recipe))
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Running
-# --------------------------------------------------------------------------------------------
-
-
-def run_ablation(
-    recipe: Recipe,
-    ablation: Ablation,
-    *,
-    out_dir: Path,
-    data_dir: Path | None = None,
-    device: str = "auto",
-    echo: Callable[[str], None] = print,
-) -> AblationResult:
-    """Train every cell of ``ablation`` over its seeds, into ``out_dir``; return the results.
-
-    A cell's seed is ``out_dir/cells/CELL/seed-S``, an ordinary run folder. Results are saved
-    after every finished run, so running this again on the same folder skips what finished
-    (a run cut off halfway starts over: its wall time would otherwise be wrong).
-    """
-    # The engine loads torch; the spec does not.
-    from hooktrain.engine.build import resolve_device
-    from hooktrain.engine.loop import train_seeds
-
-    cells = ablation.cells(recipe)
-    toggles = ablation.toggles(recipe)
-    spec = ablation.spec(recipe)
-    path = out_dir / ABLATION_FILE
-    if path.exists():
-        result = _read_result(path, spec, cells)
-        finished = sum(len(runs) for runs in result.runs.values())
-        echo(f"continuing the ablation in {out_dir}: {finished} finished runs are kept")
-    else:
-        if out_dir.exists() and any(out_dir.iterdir()):
-            raise HooktrainError(
-                f"{out_dir} is not empty and holds no ablation; pass another --out."
-            )
-        result = AblationResult(spec, cells, {})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write(out_dir, result)
-
-    seeds = ablation.seed_list(recipe)
-    if ablation.parallel_seeds > 1 and resolve_device(device).type == "cpu":
-        echo(
-            "note: on the CPU, seeds trained together run slower than one by one (vmap makes "
-            "grouped convolutions, which CPU kernels do worse); --parallel-seeds pays on GPUs."
-        )
-    echo(
-        f"ablation of {recipe.name}: {len(cells)} cells x {len(seeds)} seeds "
-        f"({ablation.mode}), in {out_dir}"
-    )
-    for number, cell in enumerate(cells, start=1):
-        done = result.runs.setdefault(cell.name, {})
-        todo = [s for s in seeds if str(s) not in done]
-        label = f"[{number}/{len(cells)} {cell.name}]"
-        if not todo:
-            echo(f"{label} finished before, skipped")
-            continue
-        variant = cell_recipe(recipe, cell, toggles)
-        tags = {"cell": cell.name, **{k: v for k, v in cell.settings if k in toggles}}
-        for start in range(0, len(todo), ablation.parallel_seeds):
-            group = todo[start : start + ablation.parallel_seeds]
-            run_dirs = [out_dir / CELLS_FOLDER / cell.folder / f"seed-{s}" for s in group]
-            for run_dir in run_dirs:  # left by an interrupted attempt
-                shutil.rmtree(run_dir, ignore_errors=True)
-            started = time.perf_counter()
-            prefix = f"{label} " if len(group) > 1 else f"{label} seed {group[0]}: "
-            reports = train_seeds(
-                attrs.evolve(variant, seed=group[0]),
-                group,
-                out_dirs=run_dirs,
-                data_dir=data_dir,
-                device=device,
-                echo=lambda line, prefix=prefix: echo(prefix + line),
-                tags=tags,
-            )
-            share = (time.perf_counter() - started) / len(group)
-            for seed, report in zip(group, reports, strict=True):
-                done[str(seed)] = {
-                    "test_accuracy": report.test_accuracy,
-                    "test_loss": report.test_loss,
-                    "seconds": share,
-                }
-            _write(out_dir, result)
-    echo(result.table())
-    echo(f"table: {out_dir / TABLE_FILE}; curves: tensorboard --logdir {out_dir}")
-    return result

@@ -32,7 +32,7 @@ from hooktrain.engine.sources import load_cifar10
 from hooktrain.engine.state import TrainState
 from hooktrain.engine.step import Evaluation, StepPieces, build_evaluate, constant_schedule
 from hooktrain.errors import HooktrainError
-from hooktrain.models import build_model
+from hooktrain.models import recipe_model
 
 
 def resolve_device(name: str, topology: Topology | None = None) -> torch.device:
@@ -92,14 +92,7 @@ def build_models(
 ) -> tuple[nn.Module, nn.Module]:
     """The model in train mode, initialised from the recipe's seed, and a copy in eval mode."""
     torch.manual_seed(recipe.seed)
-    model = build_model(
-        recipe.model,
-        num_classes,
-        width=recipe.width,
-        dropout=recipe.dropout,
-        conv_bias=recipe.conv_bias,
-        logit_scale=recipe.logit_scale,
-    )
+    model = recipe_model(recipe, num_classes)
     memory_format = torch.channels_last if channels_last(recipe, device) else None
     model = model.to(device, memory_format=memory_format).train()
     return model, copy.deepcopy(model).eval()

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from hooktrain.engine.checkpoints import (
-    _archive_checksum,
-    _stored_checksum,
-    _write_checksummed,
+    archive_checksum,
     atomic_write,
+    stored_checksum,
+    write_checksummed,
 )
 
 __all__ = ["CACHE_FORMAT", "CacheDamaged", "default_cache_dir", "read_cache", "write_cache"]
@@ -63,8 +63,8 @@ def read_cache(path: Path) -> dict[str, Any] | None:
     if not stat.S_ISREG(info.st_mode):
         raise CacheDamaged("it is not a regular file")
     try:
-        stored = _stored_checksum(path)
-        if stored is None or stored != _archive_checksum(path):
+        stored = stored_checksum(path)
+        if stored is None or stored != archive_checksum(path):
             raise CacheDamaged("its checksum does not match its contents")
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except CacheDamaged:
@@ -82,4 +82,4 @@ def write_cache(path: Path, payload: dict[str, Any]) -> None:
     Raises OSError or RuntimeError when it cannot be written; the old file, if any, stays.
     """
     content = {"format": CACHE_FORMAT, **payload}
-    atomic_write(path, lambda file: _write_checksummed(content, file))
+    atomic_write(path, lambda file: write_checksummed(content, file))

@@ -79,14 +79,6 @@ def remove_stale_temp_files(folder: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def holds_only_stale_temp_files(folder: Path) -> bool:
-    """Whether ``folder`` holds nothing but files a killed write left behind."""
-    return all(
-        entry.is_file() and entry.name.startswith(".") and entry.name.endswith(".tmp")
-        for entry in folder.iterdir()
-    )
-
-
 def _fsync_folder(folder: Path) -> None:
     """Make a rename inside ``folder`` survive a power loss."""
     handle = os.open(folder, os.O_RDONLY)
@@ -131,7 +123,7 @@ class _HashingWriter:
         self.file.flush()
 
 
-def _write_checksummed(payload: dict[str, Any], file: BinaryIO) -> None:
+def write_checksummed(payload: dict[str, Any], file: BinaryIO) -> None:
     """``torch.save`` into ``file``, then put the archive's SHA-256 in its zip comment.
 
     torch writes no zip comment, so the archive ends with a comment length of 0: that field
@@ -166,7 +158,7 @@ def _hidden_cause(error: RuntimeError, handled: BaseException | None) -> BaseExc
     return cause
 
 
-def _stored_checksum(path: Path) -> bytes | None:
+def stored_checksum(path: Path) -> bytes | None:
     """The SHA-256 hex digest in the file's zip comment; None for a file without one."""
     size = path.stat().st_size
     if size < _COMMENT_LENGTH + 22:  # 22: the smallest end-of-archive record
@@ -179,7 +171,7 @@ def _stored_checksum(path: Path) -> bytes | None:
     return comment[len(CHECKSUM_PREFIX) :]
 
 
-def _archive_checksum(path: Path) -> bytes:
+def archive_checksum(path: Path) -> bytes:
     """The SHA-256 of the archive as torch wrote it: the file less its comment, length 0."""
     digest = hashlib.sha256()
     remaining = path.stat().st_size - _COMMENT_LENGTH - 2
@@ -193,7 +185,7 @@ def _archive_checksum(path: Path) -> bytes:
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """Write a checkpoint payload (see ``RunContext.checkpoint_payload``) atomically."""
-    atomic_write(path, lambda file: _write_checksummed(payload, file))
+    atomic_write(path, lambda file: write_checksummed(payload, file))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -206,8 +198,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointUnusable(path, "it is not a file (a folder or a device has its name)")
     if not path.is_file():
         raise HooktrainError(f"There is no checkpoint at {path}; check the path.")
-    stored = _stored_checksum(path)
-    if stored is not None and stored != _archive_checksum(path):
+    stored = stored_checksum(path)
+    if stored is not None and stored != archive_checksum(path):
         raise CheckpointUnusable(
             path, "its checksum does not match its contents (the file was damaged or cut short)"
         )
@@ -236,7 +228,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             path, f"it has lost the checksum every version {version} checkpoint carries"
         )
     missing = [key for key in PAYLOAD_KEYS if key not in payload]
-    state_missing = [key for key in STATE_KEYS if key not in payload.get("state", {})]
+    state = payload.get("state", {})
+    if not isinstance(state, dict):
+        raise CheckpointUnusable(path, "its state is not a record")
+    state_missing = [key for key in STATE_KEYS if key not in state]
     if missing or state_missing:
         raise CheckpointUnusable(
             path, f"it is incomplete (missing {', '.join(missing + state_missing)})"

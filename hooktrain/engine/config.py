@@ -107,7 +107,7 @@ def recipe_from_config(
         source = recipe_module.__file__ if recipe_module is not None else None
         base = Recipe(name=fields.pop("name"), plugins=tuple(plugins), source=source)
         return evolve_checked(base, fields, "The saved recipe")
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
         raise HooktrainError(
             f"The saved configuration is incomplete or malformed ({type(error).__name__}: "
             f"{error}); it was not written by this version of hooktrain: start the run again."

@@ -72,6 +72,13 @@ class Topology:
                 f"The environment says this is process {rank} of {world_size}, which cannot be; "
                 "start hooktrain with torchrun, or unset RANK and WORLD_SIZE."
             )
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
+        if world_size > 1 and missing:
+            raise HooktrainError(
+                f"The environment says WORLD_SIZE={world_size} but not {', '.join(missing)}, "
+                "which torchrun sets for every process; start hooktrain with torchrun, or unset "
+                "WORLD_SIZE."
+            )
         return cls(rank, world_size, local_rank)
 
 
@@ -81,7 +88,8 @@ def _print_nothing(line: str) -> None:
 
 def elastic_restart() -> bool:
     """Whether torchrun restarted this process after a failure (``--max-restarts``)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    count = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
+    return count.isdecimal() and int(count) > 0
 
 
 def collective_timeout() -> float:

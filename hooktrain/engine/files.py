@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
+METRICS_FILE = "metrics.json"  # the metrics plugin's
+TENSORBOARD_FOLDER = "tensorboard"  # the metrics plugin's
+CHECKPOINT_FOLDER = "checkpoints"  # the checkpoint plugin's
 # Recipe files load as modules named this prefix + the file's stem.
 RECIPE_FILE_MODULE = "hooktrain_recipe_"
 

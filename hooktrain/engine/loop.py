@@ -34,13 +34,13 @@ from hooktrain.engine.data import DeviceData
 from hooktrain.engine.distributed import Topology
 from hooktrain.engine.environment import environment_info
 from hooktrain.engine.files import CONFIG_FILE
-from hooktrain.engine.folder import hold_run_folders
 from hooktrain.engine.optim import recipe_optimizer
 from hooktrain.engine.plugin import (
     call_order,
     make_plugin_manager,
 )
 from hooktrain.engine.recipe import Recipe
+from hooktrain.engine.run_folder import hold_run_folders
 from hooktrain.engine.signals import stop_on_signals
 from hooktrain.engine.sources import load_cifar10
 from hooktrain.engine.state import TrainState, capture_global_rng

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+import re
 import traceback
 import types
 import typing
@@ -62,8 +63,13 @@ def _betas(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 
 
 def _positive_each(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not all(item > 0 for item in value):
+    if not all(0 < item < math.inf for item in value):
         raise HooktrainError(f"every value of {attribute.name} must be above 0, not {value!r}.")
+
+
+def _finite_each(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not all(math.isfinite(item) for item in value):
+        raise HooktrainError(f"every value of {attribute.name} must be finite, not {value!r}.")
 
 
 def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -72,8 +78,12 @@ def _non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None
 
 
 def _name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, str) or not value or not value.isprintable():
-        raise HooktrainError(f"A recipe's name must be printable text, not {value!r}.")
+    # It names run folders (runs/NAME-TIME): no path separators, no leading dot.
+    if not isinstance(value, str) or not re.fullmatch(r"[\w+=,-][\w.+=,-]{0,99}", value):
+        raise HooktrainError(
+            f"A recipe's name must be 1 to 100 letters, digits and . _ - + = , (no slashes, "
+            f"not starting with a dot), not {value!r}."
+        )
 
 
 def _seed(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -108,7 +118,7 @@ class Recipe:
     pad: int = attrs.field(default=4, validator=_non_negative)
     pad_mode: Literal["reflect", "zeros"] = "reflect"
     flip: bool = True
-    mean: tuple[float, float, float] = CIFAR10_MEAN
+    mean: tuple[float, float, float] = attrs.field(default=CIFAR10_MEAN, validator=_finite_each)
     std: tuple[float, float, float] = attrs.field(default=CIFAR10_STD, validator=_positive_each)
     train_limit: int | None = attrs.field(default=None, validator=_positive)
     eval_batch_size: int = attrs.field(default=1000, validator=_positive)
@@ -182,7 +192,7 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             raise fail(f"a number ({annotation.__name__})")
         try:
             number = annotation(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise fail(f"a number ({annotation.__name__})") from None
         if annotation is int and isinstance(value, float) and value != number:
             raise fail("a whole number")
@@ -309,7 +319,9 @@ def _file_module(path: Path) -> types.ModuleType:
             f"The recipe file {shown(path)} called sys.exit({error.code!r}) while loading, so "
             "there is no recipe to train; a recipe file only assigns `recipe = Recipe(...)`."
         ) from error
-    except Exception as error:  # the user's own code: one sentence that says what and where
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # the user's own code: one sentence that says what and where
         reason = " ".join(f"{type(error).__name__}: {error}".split())
         reason = reason if len(reason) <= 200 else reason[:197] + "..."
         lines = [

@@ -10,6 +10,7 @@ resume passes such a file over for an older one and eval refuses it in a sentenc
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,11 +21,15 @@ from hooktrain.engine.optim import recipe_optimizer
 from hooktrain.engine.plugin import Plugin
 from hooktrain.engine.recipe import Recipe
 from hooktrain.engine.state import TrainState
-from hooktrain.models import build_model
+from hooktrain.models import recipe_model
 
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _dense(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.layout == torch.strided
 
 
 def _tensors_problem(what: str, saved: Any, expected: dict[str, torch.Tensor]) -> str | None:
@@ -32,8 +37,8 @@ def _tensors_problem(what: str, saved: Any, expected: dict[str, torch.Tensor]) -
         return f"its {what} do not have this recipe's model's names"
     for name, tensor in expected.items():
         value = saved[name]
-        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
-            return f"its {what} entry {name} does not have the shape {tuple(tensor.shape)}"
+        if not _dense(value) or value.shape != tensor.shape:
+            return f"its {what} entry {name} is not a dense tensor of shape {tuple(tensor.shape)}"
         if value.dtype != tensor.dtype:
             return f"its {what} entry {name} is {value.dtype}, not {tensor.dtype}"
     return None
@@ -46,9 +51,7 @@ def _optimizer_problem(saved: Any, expected: Any) -> str | None:
         return "its optimizer state does not have this recipe's optimizer's structure"
     for value, template in zip(saved_leaves, expected_leaves, strict=True):
         if isinstance(template, torch.Tensor) and not (
-            isinstance(value, torch.Tensor)
-            and value.shape == template.shape
-            and value.dtype == template.dtype
+            _dense(value) and value.shape == template.shape and value.dtype == template.dtype
         ):
             return "its optimizer state holds a tensor of the wrong shape or type"
     return None
@@ -95,15 +98,21 @@ def state_problem(
     )
 
 
-def progress_problem(saved: Any) -> str | None:
-    """What makes a checkpoint's mid-epoch ``progress`` record unusable, or None."""
-    if saved is None:
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def progress_problem(payload: dict[str, Any]) -> str | None:
+    """What makes a checkpoint's mid-epoch ``progress`` record unusable, or None (also when
+    the checkpoint has none: version 1 files)."""
+    if "progress" not in payload:
         return None
-    numbers = (int, float)
+    saved = payload["progress"]
     if not (
         isinstance(saved, dict)
-        and isinstance(saved.get("loss_sum"), numbers)
-        and isinstance(saved.get("seconds"), numbers)
+        and _is_finite_number(saved.get("loss_sum"))
+        and _is_finite_number(saved.get("seconds"))
+        and saved["seconds"] >= 0
     ):
         return "its epoch progress record is malformed"
     return None
@@ -131,14 +140,7 @@ def plugin_states_problem(saved: Any, plugins: Sequence[Plugin]) -> str | None:
 def expected_state(recipe: Recipe, num_classes: int) -> TrainState:
     """A fresh state of a run of ``recipe`` on the meta device: its shapes and types, no data."""
     with torch.device("meta"):
-        model = build_model(
-            recipe.model,
-            num_classes,
-            width=recipe.width,
-            dropout=recipe.dropout,
-            conv_bias=recipe.conv_bias,
-            logit_scale=recipe.logit_scale,
-        )
+        model = recipe_model(recipe, num_classes)
     return TrainState.create(model, recipe_optimizer(recipe), recipe.seed)
 
 
@@ -158,6 +160,6 @@ def checkpoint_problem(
     )
     return (
         problem
-        or progress_problem(payload.get("progress"))
+        or progress_problem(payload)
         or plugin_states_problem(payload["plugins"], recipe.plugins)
     )

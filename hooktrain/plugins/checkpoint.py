@@ -15,12 +15,12 @@ from hooktrain.engine.checkpoints import (
     save_checkpoint,
 )
 from hooktrain.engine.context import EpochReport, RunContext
+from hooktrain.engine.files import CHECKPOINT_FOLDER
 from hooktrain.engine.hookspecs import hookimpl
 from hooktrain.engine.plugin import Plugin, setting
 from hooktrain.engine.state import TrainState
 from hooktrain.errors import HooktrainError
 
-CHECKPOINT_FOLDER = "checkpoints"
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
 BEST = "best.pt"

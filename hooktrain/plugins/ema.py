@@ -10,6 +10,7 @@ import torch
 from hooktrain.engine.hookspecs import hookimpl
 from hooktrain.engine.plugin import Plugin, setting
 from hooktrain.engine.state import TrainState
+from hooktrain.errors import HooktrainError
 
 
 @attrs.define
@@ -30,13 +31,19 @@ class EMA(Plugin):
         return {} if self._average is None else {"average": self._average}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._average = state.get("average")
+        average = state.get("average")
+        if average is not None and not (
+            isinstance(average, dict) and all(isinstance(t, torch.Tensor) for t in average.values())
+        ):
+            raise TypeError("its average must map parameter names to tensors")
+        self._average = average
 
     @hookimpl
     def hooktrain_fit_start(self, state: TrainState) -> None:
         if self._average is None:
             self._average = {name: p.detach().clone() for name, p in state.params.items()}
         else:  # resumed: the checkpoint's tensors come back on the CPU
+            self._check_fits(state)
             self._average = {
                 name: self._average[name].to(p.device) for name, p in state.params.items()
             }
@@ -52,5 +59,19 @@ class EMA(Plugin):
             )
 
     @hookimpl
-    def hooktrain_eval_params(self) -> dict[str, torch.Tensor] | None:
+    def hooktrain_eval_params(self, state: TrainState) -> dict[str, torch.Tensor] | None:
+        if self._average is not None:
+            self._check_fits(state)
         return self._average
+
+    def _check_fits(self, state: TrainState) -> None:
+        """Refuse a saved average that is not one of this model's parameters."""
+        average = self._average or {}
+        if average.keys() != state.params.keys() or any(
+            average[name].shape != p.shape or average[name].dtype != p.dtype
+            for name, p in state.params.items()
+        ):
+            raise HooktrainError(
+                f"The saved state of the plugin {self.name!r} does not fit this model's "
+                "parameters; use the checkpoint with the recipe and settings that wrote it."
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import weakref
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import attrs
@@ -17,12 +18,11 @@ from tqdm.auto import tqdm
 
 from hooktrain.engine.checkpoints import atomic_write
 from hooktrain.engine.context import EpochReport, RunContext
+from hooktrain.engine.files import METRICS_FILE, TENSORBOARD_FOLDER
 from hooktrain.engine.hookspecs import hookimpl
 from hooktrain.engine.plugin import Plugin, setting
 from hooktrain.engine.state import TrainState
 
-METRICS_FILE = "metrics.json"
-TENSORBOARD_FOLDER = "tensorboard"
 # Step metrics logged as their value at the logged step; the others as means over the window.
 AT_STEP = frozenset({"lr"})
 # The HPARAMS tab shows each run's latest value of these curves, so a stopped run has them too.
@@ -90,6 +90,51 @@ def _echo(run: RunContext, line: str) -> None:
         run.echo(line)
 
 
+def _is_epoch_record(record: Any) -> bool:
+    """Whether ``record`` is what :meth:`EpochReport.to_dict` writes: its fields, as numbers."""
+    fields = [field.name for field in attrs.fields(EpochReport)]
+    return (
+        isinstance(record, dict)
+        and list(record) == fields
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in record.values())
+    )
+
+
+def _log_start(writer: SummaryWriter, run: RunContext) -> None:
+    """What a run's TensorBoard shows from its start: a batch, the config, its hparams."""
+    plan = run.data.epoch_plan(torch.Generator().manual_seed(run.recipe.seed))
+    images, _ = run.data.train_batch(plan, 0)
+    grid = make_grid(run.data.denormalize(images[:64]).float().cpu(), nrow=8)
+    writer.add_image("train/augmented_batch", grid, 0)
+    writer.add_text("config", f"```\n{json.dumps(run.config, indent=2)}\n```", 0)
+    # At the start, so a run stopped or killed before its end is in the HPARAMS tab.
+    experiment, session_start, _ = hparams(
+        _hparams(run.config, run.tags), dict.fromkeys(HPARAM_METRICS)
+    )
+    writer.file_writer.add_summary(experiment)
+    writer.file_writer.add_summary(session_start)
+    writer.flush()  # a checkpoint saved before the first flush skips this on resume
+
+
+def _log_train(writer: SummaryWriter, figures: dict[str, float], step: int) -> None:
+    for key, value in figures.items():
+        writer.add_scalar(f"train/{key}", value, step)
+
+
+def _log_epoch(writer: SummaryWriter, report: EpochReport, step: int) -> None:
+    writer.add_scalar("epoch/train_loss", report.train_loss, step)
+    writer.add_scalar("test/loss", report.test_loss, step)
+    writer.add_scalar("test/accuracy", report.test_accuracy, step)
+    writer.add_scalar("epoch/seconds", report.seconds, step)
+    writer.flush()
+
+
+def _log_end(writer: SummaryWriter, run: RunContext) -> None:
+    _, _, session_end = hparams(_hparams(run.config, run.tags), {})
+    writer.file_writer.add_summary(session_end)
+    writer.close()
+
+
 @attrs.define
 class Metrics(Plugin):
     """TensorBoard (losses, accuracy, lr, grad norm, a batch, hparams), progress bar, metrics.json.
@@ -109,35 +154,52 @@ class Metrics(Plugin):
     _pending: dict[str, torch.Tensor] = attrs.field(factory=dict, init=False)
     _window: int = attrs.field(default=0, init=False)
     _bar: tqdm | None = attrs.field(default=None, init=False)
+    _run: RunContext | None = attrs.field(default=None, init=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history = list(state.get("history", []))
+        history = state.get("history", [])
+        if not isinstance(history, list) or not all(map(_is_epoch_record, history)):
+            raise TypeError("its history must be a list of epoch records")
+        self.history = list(history)
 
     @hookimpl
     def hooktrain_fit_start(self, run: RunContext, state: TrainState) -> None:
+        self._run = run
         if self.progress and run.lane == 0:
             # A resumed run starts the bar at the steps it has done.
             self._bar = _progress_bar(run.total_steps, state.step, self._epoch_label(run, state))
         if not self.tensorboard:
             return
-        # purge_step drops events a killed process logged after the state we continue from.
-        self._writer = SummaryWriter(run.out_dir / TENSORBOARD_FOLDER, purge_step=state.step)
+        try:
+            # purge_step drops events a killed process logged after the state we continue from.
+            self._writer = SummaryWriter(run.out_dir / TENSORBOARD_FOLDER, purge_step=state.step)
+        except OSError as error:
+            self._tensorboard_failed(error)
+            return
         if state.step == 0:
-            plan = run.data.epoch_plan(torch.Generator().manual_seed(run.recipe.seed))
-            images, _ = run.data.train_batch(plan, 0)
-            grid = make_grid(run.data.denormalize(images[:64]).float().cpu(), nrow=8)
-            self._writer.add_image("train/augmented_batch", grid, 0)
-            self._writer.add_text("config", f"```\n{json.dumps(run.config, indent=2)}\n```", 0)
-            # At the start, so a run stopped or killed before its end is in the HPARAMS tab.
-            experiment, session_start, _ = hparams(
-                _hparams(run.config, run.tags), dict.fromkeys(HPARAM_METRICS)
+            self._log(lambda writer: _log_start(writer, run))
+
+    def _log(self, write: Callable[[SummaryWriter], object]) -> None:
+        """``write(writer)`` while TensorBoard is on; a write that fails (a full disk) turns it
+        off for the rest of the run with one warning, and training goes on."""
+        if self._writer is None:
+            return
+        try:
+            write(self._writer)
+        except OSError as error:
+            self._tensorboard_failed(error)
+
+    def _tensorboard_failed(self, error: OSError) -> None:
+        self._writer = None
+        if self._run is not None:
+            _echo(
+                self._run,
+                f"warning: TensorBoard logging stopped ({error.strerror or error}); training "
+                "goes on, and metrics.json and the checkpoints keep every epoch's figures.",
             )
-            self._writer.file_writer.add_summary(experiment)
-            self._writer.file_writer.add_summary(session_start)
-            self._writer.flush()  # a checkpoint saved before the first flush skips this on resume
 
     def _epoch_label(self, run: RunContext, state: TrainState) -> str:
         together = f" ({run.lanes} seeds)" if run.lanes > 1 else ""
@@ -172,9 +234,7 @@ class Metrics(Plugin):
             for key, value in zip(self._pending, values, strict=True)
         }
         self._pending, self._window = {}, 0
-        if self._writer is not None:
-            for key, value in figures.items():
-                self._writer.add_scalar(f"train/{key}", value, step)
+        self._log(lambda writer: _log_train(writer, figures, step))
         if self._bar is not None:
             shown = [f"{k} {figures[k]:.4g}" for k in ("loss", "lr", "grad_norm") if k in figures]
             # Drawn with the next update: a log file gets no line of its own for it.
@@ -185,12 +245,7 @@ class Metrics(Plugin):
     def hooktrain_epoch_end(self, run: RunContext, state: TrainState, report: EpochReport) -> None:
         self._flush(state.step)
         self.history.append(report.to_dict())
-        if self._writer is not None:
-            self._writer.add_scalar("epoch/train_loss", report.train_loss, state.step)
-            self._writer.add_scalar("test/loss", report.test_loss, state.step)
-            self._writer.add_scalar("test/accuracy", report.test_accuracy, state.step)
-            self._writer.add_scalar("epoch/seconds", report.seconds, state.step)
-            self._writer.flush()
+        self._log(lambda writer: _log_epoch(writer, report, state.step))
         _echo(
             run,
             f"epoch {report.epoch}/{run.recipe.epochs}  train loss {report.train_loss:.4f}  "
@@ -203,10 +258,7 @@ class Metrics(Plugin):
     def hooktrain_fit_end(self, run: RunContext, report: EpochReport) -> None:
         self._close_bar()
         self._write_json(run, finished=True)
-        if self._writer is not None:
-            _, _, session_end = hparams(_hparams(run.config, run.tags), {})
-            self._writer.file_writer.add_summary(session_end)
-            self._writer.close()
+        self._log(lambda writer: _log_end(writer, run))
         _echo(
             run,
             f"final test accuracy {report.test_accuracy:.2%} "
@@ -217,8 +269,7 @@ class Metrics(Plugin):
     def hooktrain_fit_stop(self, state: TrainState) -> None:
         self._flush(state.step)
         self._close_bar()
-        if self._writer is not None:
-            self._writer.close()
+        self._log(SummaryWriter.close)
 
     def _close_bar(self) -> None:
         if self._bar is not None:
@@ -240,4 +291,13 @@ class Metrics(Plugin):
             "config": run.config,
         }
         text = json.dumps(summary, indent=2) + "\n"
-        atomic_write(run.out_dir / METRICS_FILE, lambda file: file.write(text.encode()))
+        path = run.out_dir / METRICS_FILE
+        try:
+            atomic_write(path, lambda file: file.write(text.encode()))
+        except OSError as error:
+            _echo(
+                run,
+                f"warning: could not write {path} ({error.strerror or error}); the one before "
+                "is intact, the checkpoints keep every epoch's figures, and the next epoch "
+                "tries again.",
+            )

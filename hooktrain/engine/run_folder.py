@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import shutil
 import threading
@@ -21,13 +20,18 @@ from pathlib import Path
 
 import attrs
 
-from hooktrain.engine.files import CONFIG_FILE
+from hooktrain.engine.files import (
+    CHECKPOINT_FOLDER,
+    CONFIG_FILE,
+    METRICS_FILE,
+    TENSORBOARD_FOLDER,
+    read_json,
+)
 from hooktrain.errors import HooktrainError
 
 LOCK_FILE = ".lock"
 CONFIG_SECTIONS = (("recipe", dict), ("plugins", list), ("run", dict))
 """The sections of a run's config.json and their JSON types."""
-_MAX_CONFIG_BYTES = 16 << 20  # a config.json of more is no run's (they are a few kB)
 # Where the lock file cannot be made for these, no file can: the run's first write fails and
 # says why, and no other process can write there either, so the folder needs no guard.
 _UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
@@ -146,7 +150,8 @@ def _in_use(folder: Path, descriptor: int) -> HooktrainError:
     holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
     pid = f" (pid {holder})" if holder.isdecimal() else ""  # unwritten yet, the instant it began
     return HooktrainError(
-        f"{folder} is in use by another hooktrain process{pid}; wait for it or pass another --out."
+        f"{folder} is in use by another hooktrain process{pid}; wait for it to end, or use "
+        "another folder."
     )
 
 
@@ -275,10 +280,6 @@ def not_a_run(folder: Path) -> str | None:
     writes: config.json, metrics.json, tensorboard/ (event files), checkpoints/ (``*.pt``),
     the lock file and temporary files. Symbolic links are never a run's.
     """
-    # The plugins own these names; they load torch, which overwriting has loaded already.
-    from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
-    from hooktrain.plugins.metrics import METRICS_FILE, TENSORBOARD_FOLDER
-
     if not (folder / CONFIG_FILE).is_file():
         return f"{CONFIG_FILE} is missing"
     for entry in _entries(folder):
@@ -324,10 +325,8 @@ def _entries(folder: Path) -> list[os.DirEntry[str]]:
 
 def _reads_as_run_config(path: Path) -> bool:
     try:
-        if path.stat().st_size > _MAX_CONFIG_BYTES:
-            return False
-        return is_run_config(json.loads(path.read_text()))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return is_run_config(read_json(path))
+    except ValueError:
         return False
 
 
