@@ -13,7 +13,6 @@ from typing import Any
 
 import attrs
 
-from hooktrain.engine import checkpoints
 from hooktrain.engine.ablation import (
     ABLATION_FILE,
     CELLS_FOLDER,
@@ -25,7 +24,7 @@ from hooktrain.engine.ablation import (
     cell_recipe,
 )
 from hooktrain.engine.ablation_results import AblationResult
-from hooktrain.engine.files import read_json
+from hooktrain.engine.files import atomic_write, read_json
 from hooktrain.engine.recipe import Recipe
 from hooktrain.engine.run_folder import claim_run_folder, hold_run_folder
 from hooktrain.errors import HooktrainError
@@ -80,7 +79,7 @@ def _write(out_dir: Path, result: AblationResult) -> None:
     markdown = result.markdown()
     for name, content in ((ABLATION_FILE, text), (TABLE_FILE, markdown)):
         try:
-            checkpoints.atomic_write(out_dir / name, lambda file, c=content: file.write(c.encode()))
+            atomic_write(out_dir / name, lambda file, c=content: file.write(c.encode()))
         except OSError as error:
             raise HooktrainError(
                 f"Cannot write {out_dir / name} ({error.strerror or error}); the results saved "

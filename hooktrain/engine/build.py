@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +217,28 @@ def check_data_parallel(recipe: Recipe, seeds: Sequence[int]) -> None:
             "that keeps their replicas in agreement, so each would train its own model; add "
             "--with data_parallel."
         )
+
+
+def check_resumable(
+    recipe: Recipe,
+    out_dirs: Sequence[Path],
+    resume: Sequence[dict[str, Any]],
+    echo: Callable[[str], None],
+) -> None:
+    """Refuse checkpoints seeds cannot resume together from, or of a finished run; say what
+    resumes."""
+    steps_done = {payload["state"]["step"] for payload in resume}
+    if len(steps_done) > 1:
+        raise HooktrainError(
+            "Seeds resumed together must have stopped at the same step; these stopped at "
+            f"steps {sorted(steps_done)}. Resume each run on its own with hooktrain resume."
+        )
+    if resume[0]["state"]["epoch"] >= recipe.epochs:
+        raise HooktrainError(
+            f"The run in {out_dirs[0]} has finished (epoch {recipe.epochs} of "
+            f"{recipe.epochs}); there is nothing to resume: start a new one with "
+            "`hooktrain run`."
+        )
+    for out_dir, payload in zip(out_dirs, resume, strict=True):
+        state = payload["state"]
+        echo(f"resuming {out_dir} at step {state['step']} (epoch {state['epoch']} done)")

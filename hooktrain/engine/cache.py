@@ -15,12 +15,8 @@ from typing import Any
 
 import torch
 
-from hooktrain.engine.checkpoints import (
-    archive_checksum,
-    atomic_write,
-    stored_checksum,
-    write_checksummed,
-)
+from hooktrain.engine.checkpoints import archive_checksum, stored_checksum, write_checksummed
+from hooktrain.engine.files import atomic_write
 
 __all__ = ["CACHE_FORMAT", "CacheDamaged", "default_cache_dir", "read_cache", "write_cache"]
 

@@ -14,13 +14,13 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from hooktrain.engine.files import atomic_write, fsync_folder
 from hooktrain.errors import HooktrainError
 
 FORMAT = "hooktrain-checkpoint"
@@ -43,30 +43,6 @@ class CheckpointUnusable(HooktrainError):
         self.reason = reason
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place.
-
-    The file is flushed and fsynced before the rename and the folder after it, so a crash at
-    any moment leaves either the old file or the complete new one, never a torn one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp makes the file private; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-
-
 def remove_stale_temp_files(folder: Path) -> None:
     """Delete what :func:`atomic_write` and :func:`copy_checkpoint` leave when killed mid-write.
 
@@ -77,15 +53,6 @@ def remove_stale_temp_files(folder: Path) -> None:
     for stale in folder.glob(".*.tmp"):
         with contextlib.suppress(OSError):
             stale.unlink(missing_ok=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename inside ``folder`` survive a power loss."""
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def copy_checkpoint(source: Path, target: Path) -> None:
@@ -105,7 +72,7 @@ def copy_checkpoint(source: Path, target: Path) -> None:
             atomic_write(target, lambda file: shutil.copyfileobj(original, file))
         return
     os.replace(temp, target)
-    _fsync_folder(target.parent)
+    fsync_folder(target.parent)
 
 
 class _HashingWriter:

@@ -1,12 +1,16 @@
-"""Names of the files in a run folder, and the command that continues a run; importable
+"""Names of the files in a run folder, the command that continues a run, and how hooktrain
+reads and writes its files (JSON read only from regular files, every write atomic); importable
 without torch (the command line checks them before loading the engine)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"  # the metrics plugin's
@@ -57,3 +61,36 @@ def read_json(path: Path) -> Any:
         raise ValueError("it is nested too deeply") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"it cannot be read ({type(error).__name__})") from None
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place.
+
+    The file is flushed and fsynced before the rename and the folder after it, so a crash at
+    any moment leaves either the old file or the complete new one, never a torn one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        # mkstemp makes the file private; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp_name, 0o666 & ~umask)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` survive a power loss."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
-import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-import pluggy
 import torch
 from torch.utils._pytree import tree_leaves
 
@@ -20,6 +17,7 @@ from hooktrain.engine.build import (
     autocast_dtype_of,
     build_models,
     check_data_parallel,
+    check_resumable,
     check_usable,
     check_vmappable,
     compose_pieces,
@@ -33,14 +31,23 @@ from hooktrain.engine.context import BuildContext, EpochReport, RunContext
 from hooktrain.engine.data import DeviceData
 from hooktrain.engine.distributed import Topology
 from hooktrain.engine.environment import environment_info
-from hooktrain.engine.files import CONFIG_FILE
+from hooktrain.engine.lanes import (
+    EpochProgress,
+    Lane,
+    as_lane_evaluate,
+    as_lane_step,
+    payload_writer,
+    prefixed,
+    stop_by_signal,
+    stop_lanes,
+)
 from hooktrain.engine.optim import recipe_optimizer
 from hooktrain.engine.plugin import (
     call_order,
     make_plugin_manager,
 )
 from hooktrain.engine.recipe import Recipe
-from hooktrain.engine.run_folder import hold_run_folders
+from hooktrain.engine.run_folder import hold_run_folders, write_config
 from hooktrain.engine.signals import stop_on_signals
 from hooktrain.engine.sources import load_cifar10
 from hooktrain.engine.state import TrainState, capture_global_rng
@@ -48,32 +55,13 @@ from hooktrain.engine.step import (
     Batch,
     Evaluation,
     LaneStepFn,
-    StepFn,
     build_evaluate,
     build_lane_evaluate,
     build_lane_step,
     build_step,
 )
-from hooktrain.errors import HooktrainError, TrainingStopped
+from hooktrain.errors import HooktrainError
 from hooktrain.models import shard_randomness
-
-
-def write_config(out_dir: Path, config: dict[str, Any]) -> None:
-    """Save the resolved configuration in the run folder, the first write of every run.
-
-    A folder that cannot be written (a full disk, a read-only file system) stops the run here,
-    before any training, and leaves the files already there as they were.
-    """
-    path = out_dir / CONFIG_FILE
-    text = json.dumps(config, indent=2) + "\n"
-    try:
-        checkpoints.atomic_write(path, lambda file: file.write(text.encode()))
-    except OSError as error:
-        raise HooktrainError(
-            f"Cannot write {path} ({error.strerror or error}), so training did not start and the "
-            "files already there are as they were; make room on that disk or make the folder "
-            "writable, then run the same command again."
-        ) from error
 
 
 def train(
@@ -107,40 +95,6 @@ def train(
     return report
 
 
-@attrs.define
-class _EpochProgress:
-    """The current epoch's running figures, kept in checkpoints taken inside an epoch.
-
-    ``seconds_before`` is the epoch's wall time spent by earlier processes (a resumed run).
-    """
-
-    loss_sum: torch.Tensor
-    seconds_before: float = 0.0
-    started: float = attrs.field(factory=time.perf_counter)
-
-    def seconds(self) -> float:
-        return self.seconds_before + time.perf_counter() - self.started
-
-    def restart(self) -> None:
-        """Start a new epoch."""
-        self.loss_sum = torch.zeros_like(self.loss_sum)
-        self.seconds_before, self.started = 0.0, time.perf_counter()
-
-    def to_dict(self) -> dict[str, float]:
-        return {"loss_sum": float(self.loss_sum), "seconds": self.seconds()}
-
-
-@attrs.define
-class _Lane:
-    """One seed's run inside a group trained in lockstep: its own plugins, folder and state."""
-
-    recipe: Recipe
-    manager: pluggy.PluginManager
-    run: RunContext
-    state: TrainState
-    progress: _EpochProgress
-
-
 def train_seeds(
     recipe: Recipe,
     seeds: Sequence[int],
@@ -168,7 +122,7 @@ def train_seeds(
         check_data_parallel(recipe, seeds)
     echo = topology.echo(echo)
     if resume is not None:
-        _check_resumable(recipe, out_dirs, resume, echo)
+        check_resumable(recipe, out_dirs, resume, echo)
     torch_device = resolve_device(device, topology)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
     # The main process alone writes the run folders; holding them keeps other processes out.
@@ -254,7 +208,7 @@ def _train_lanes(
         "environment": environment_info(torch_device),
     }
 
-    lanes: list[_Lane] = []
+    lanes: list[Lane] = []
     for index, (seed, out_dir) in enumerate(zip(seeds, out_dirs, strict=True)):
         # Fresh plugin instances: a recipe object can be trained many times in one process.
         lane_recipe = attrs.evolve(
@@ -263,13 +217,13 @@ def _train_lanes(
         model, eval_model = build_models(lane_recipe, len(dataset.classes), torch_device)
         shard_randomness(model, topology.rank, topology.world_size)
         state = TrainState.create(model, optimizer, seed)
-        progress = _EpochProgress(torch.zeros((), device=torch_device))
+        progress = EpochProgress(torch.zeros((), device=torch_device))
         if resume is not None:
             check_usable(resume[index], lane_recipe, run_info)
             state = TrainState.from_dict(resume[index]["state"], torch_device)
             load_plugin_states(lane_recipe.plugins, resume[index])
             saved = resume[index].get("progress", {"loss_sum": 0.0, "seconds": 0.0})
-            progress = _EpochProgress(
+            progress = EpochProgress(
                 torch.tensor(saved["loss_sum"], device=torch_device), saved["seconds"]
             )
         if index == 0:
@@ -286,8 +240,8 @@ def _train_lanes(
             data=data,
             steps_per_epoch=data.steps_per_epoch,
             config=config,
-            checkpoint_payload=_payload_writer(lane_recipe, config, progress),
-            echo=_prefixed(echo, f"seed {seed}: ") if together else echo,
+            checkpoint_payload=payload_writer(lane_recipe, config, progress),
+            echo=prefixed(echo, f"seed {seed}: ") if together else echo,
             tags=dict(tags or {}),
             lane=index,
             lanes=len(seeds),
@@ -298,7 +252,7 @@ def _train_lanes(
         manager = make_plugin_manager(
             [p for p in lane_recipe.plugins if topology.is_main or not p.main_process_only]
         )
-        lanes.append(_Lane(lane_recipe, manager, run, state, progress))
+        lanes.append(Lane(lane_recipe, manager, run, state, progress))
 
     build = BuildContext(
         recipe,
@@ -324,8 +278,8 @@ def _train_lanes(
             shape_eval_model, autocast_dtype, recipe.compile, recipe.tta_flip
         )
     else:
-        step_all = _as_lane_step(build_step(pieces, recipe.compile, recipe.compile_mode))
-        evaluate_all = _as_lane_evaluate(
+        step_all = as_lane_step(build_step(pieces, recipe.compile, recipe.compile_mode))
+        evaluate_all = as_lane_evaluate(
             build_evaluate(
                 shape_eval_model,
                 autocast_dtype,
@@ -354,31 +308,8 @@ def _train_lanes(
     return _fit(lanes, step_all, evaluate_all, data, recipe.epochs, stop_after_epoch)
 
 
-def _check_resumable(
-    recipe: Recipe,
-    out_dirs: Sequence[Path],
-    resume: Sequence[dict[str, Any]],
-    echo: Callable[[str], None],
-) -> None:
-    steps_done = {payload["state"]["step"] for payload in resume}
-    if len(steps_done) > 1:
-        raise HooktrainError(
-            "Seeds resumed together must have stopped at the same step; these stopped at "
-            f"steps {sorted(steps_done)}. Resume each run on its own with hooktrain resume."
-        )
-    if resume[0]["state"]["epoch"] >= recipe.epochs:
-        raise HooktrainError(
-            f"The run in {out_dirs[0]} has finished (epoch {recipe.epochs} of "
-            f"{recipe.epochs}); there is nothing to resume: start a new one with "
-            "`hooktrain run`."
-        )
-    for out_dir, payload in zip(out_dirs, resume, strict=True):
-        state = payload["state"]
-        echo(f"resuming {out_dir} at step {state['step']} (epoch {state['epoch']} done)")
-
-
 def _fit(
-    lanes: list[_Lane],
+    lanes: list[Lane],
     step_all: LaneStepFn,
     evaluate_all: Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]],
     data: DeviceData,
@@ -411,13 +342,13 @@ def _fit(
                     )
                 # After an epoch's last step, the stop waits for the epoch's end.
                 if stop.signal_number is not None and index + 1 < data.steps_per_epoch:
-                    _stop_by_signal(lanes, stop.signal_number)
+                    stop_by_signal(lanes, stop.signal_number)
             reports = _end_epoch(lanes, generators, evaluate_all, data, epoch)
             if stop.signal_number is not None and epoch + 1 < epochs:
-                _stop_by_signal(lanes, stop.signal_number)
+                stop_by_signal(lanes, stop.signal_number)
             stop_here = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
             if stop_here and epoch + 1 < epochs:
-                _stop(lanes, "stop_after_epoch")
+                stop_lanes(lanes, "stop_after_epoch")
                 for lane in lanes:
                     lane.run.echo(
                         f"stopped after epoch {epoch + 1}; continue with: {lane.run.resume_command}"
@@ -442,7 +373,7 @@ def _batches_done(state: TrainState, steps_per_epoch: int) -> int:
 
 
 def _end_epoch(
-    lanes: list[_Lane],
+    lanes: list[Lane],
     generators: list[torch.Generator],
     evaluate_all: Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]],
     data: DeviceData,
@@ -478,55 +409,3 @@ def _end_epoch(
         lane.manager.hook.hooktrain_epoch_end(run=lane.run, state=lane.state, report=report)
         reports.append(report)
     return reports
-
-
-def _stop(lanes: list[_Lane], reason: str) -> None:
-    for lane in lanes:
-        lane.manager.hook.hooktrain_fit_stop(run=lane.run, state=lane.state, reason=reason)
-
-
-def _stop_by_signal(lanes: list[_Lane], number: int) -> None:
-    name = signal.Signals(number).name
-    _stop(lanes, name)
-    state = lanes[0].state
-    total = lanes[0].run.total_steps
-    raise TrainingStopped(f"Stopped by {name} at step {state.step} of {total}", number)
-
-
-def _payload_writer(
-    recipe: Recipe, config: dict[str, Any], progress: _EpochProgress
-) -> Callable[[TrainState], dict[str, Any]]:
-    def checkpoint_payload(state: TrainState) -> dict[str, Any]:
-        return {
-            "format": checkpoints.FORMAT,
-            "version": checkpoints.VERSION,
-            "recipe": recipe.name,
-            "config": config,
-            "state": state.to_dict(),
-            "plugins": {p.name: p.state_dict() for p in recipe.plugins},
-            "progress": progress.to_dict(),
-        }
-
-    return checkpoint_payload
-
-
-def _prefixed(echo: Callable[[str], None], prefix: str) -> Callable[[str], None]:
-    return lambda line: echo(prefix + line)
-
-
-def _as_lane_step(step: StepFn) -> LaneStepFn:
-    """A single run's step in the lane calling convention (lists of one)."""
-
-    def lane_step(
-        states: Sequence[TrainState], batches: Sequence[Batch]
-    ) -> tuple[list[TrainState], list[dict[str, torch.Tensor]]]:
-        state, metrics = step(states[0], batches[0])
-        return [state], [metrics]
-
-    return lane_step
-
-
-def _as_lane_evaluate(
-    evaluate: Callable[[TrainState, Iterable[Batch]], Evaluation],
-) -> Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]]:
-    return lambda states, batches: [evaluate(states[0], batches)]

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -25,6 +27,7 @@ from hooktrain.engine.files import (
     CONFIG_FILE,
     METRICS_FILE,
     TENSORBOARD_FOLDER,
+    atomic_write,
     read_json,
 )
 from hooktrain.errors import HooktrainError
@@ -339,3 +342,21 @@ def _empty(folder: Path) -> None:
             shutil.rmtree(entry.path)
         else:
             os.unlink(entry.path)
+
+
+def write_config(out_dir: Path, config: dict[str, Any]) -> None:
+    """Save the resolved configuration in the run folder, the first write of every run.
+
+    A folder that cannot be written (a full disk, a read-only file system) stops the run here,
+    before any training, and leaves the files already there as they were.
+    """
+    path = out_dir / CONFIG_FILE
+    text = json.dumps(config, indent=2) + "\n"
+    try:
+        atomic_write(path, lambda file: file.write(text.encode()))
+    except OSError as error:
+        raise HooktrainError(
+            f"Cannot write {path} ({error.strerror or error}), so training did not start and the "
+            "files already there are as they were; make room on that disk or make the folder "
+            "writable, then run the same command again."
+        ) from error

@@ -16,9 +16,8 @@ from torchvision.utils import make_grid
 from tqdm import autonotebook, std
 from tqdm.auto import tqdm
 
-from hooktrain.engine.checkpoints import atomic_write
 from hooktrain.engine.context import EpochReport, RunContext
-from hooktrain.engine.files import METRICS_FILE, TENSORBOARD_FOLDER
+from hooktrain.engine.files import METRICS_FILE, TENSORBOARD_FOLDER, atomic_write
 from hooktrain.engine.hookspecs import hookimpl
 from hooktrain.engine.plugin import Plugin, setting
 from hooktrain.engine.state import TrainState

@@ -1,0 +1,108 @@
+"""Lanes: the runs of a group of seeds trained in lockstep, one lane per seed, each with its
+own plugins, run folder, state and epoch progress. A single run is a group of one."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+import pluggy
+import torch
+
+from hooktrain.engine import checkpoints
+from hooktrain.engine.context import RunContext
+from hooktrain.engine.recipe import Recipe
+from hooktrain.engine.state import TrainState
+from hooktrain.engine.step import Batch, Evaluation, LaneStepFn, StepFn
+from hooktrain.errors import TrainingStopped
+
+
+@attrs.define
+class EpochProgress:
+    """The current epoch's running figures, kept in checkpoints taken inside an epoch.
+
+    ``seconds_before`` is the epoch's wall time spent by earlier processes (a resumed run).
+    """
+
+    loss_sum: torch.Tensor
+    seconds_before: float = 0.0
+    started: float = attrs.field(factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def restart(self) -> None:
+        """Start a new epoch."""
+        self.loss_sum = torch.zeros_like(self.loss_sum)
+        self.seconds_before, self.started = 0.0, time.perf_counter()
+
+    def to_dict(self) -> dict[str, float]:
+        return {"loss_sum": float(self.loss_sum), "seconds": self.seconds()}
+
+
+@attrs.define
+class Lane:
+    """One seed's run inside a group trained in lockstep: its own plugins, folder and state."""
+
+    recipe: Recipe
+    manager: pluggy.PluginManager
+    run: RunContext
+    state: TrainState
+    progress: EpochProgress
+
+
+def payload_writer(
+    recipe: Recipe, config: dict[str, Any], progress: EpochProgress
+) -> Callable[[TrainState], dict[str, Any]]:
+    def checkpoint_payload(state: TrainState) -> dict[str, Any]:
+        return {
+            "format": checkpoints.FORMAT,
+            "version": checkpoints.VERSION,
+            "recipe": recipe.name,
+            "config": config,
+            "state": state.to_dict(),
+            "plugins": {p.name: p.state_dict() for p in recipe.plugins},
+            "progress": progress.to_dict(),
+        }
+
+    return checkpoint_payload
+
+
+def prefixed(echo: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda line: echo(prefix + line)
+
+
+def as_lane_step(step: StepFn) -> LaneStepFn:
+    """A single run's step in the lane calling convention (lists of one)."""
+
+    def lane_step(
+        states: Sequence[TrainState], batches: Sequence[Batch]
+    ) -> tuple[list[TrainState], list[dict[str, torch.Tensor]]]:
+        state, metrics = step(states[0], batches[0])
+        return [state], [metrics]
+
+    return lane_step
+
+
+def as_lane_evaluate(
+    evaluate: Callable[[TrainState, Iterable[Batch]], Evaluation],
+) -> Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]]:
+    return lambda states, batches: [evaluate(states[0], batches)]
+
+
+def stop_lanes(lanes: list[Lane], reason: str) -> None:
+    """Emit fit_stop in every lane: the run stops before its end (a signal, stop_after_epoch)."""
+    for lane in lanes:
+        lane.manager.hook.hooktrain_fit_stop(run=lane.run, state=lane.state, reason=reason)
+
+
+def stop_by_signal(lanes: list[Lane], number: int) -> None:
+    """Stop the lanes for the signal ``number``; the process ends with that signal's code."""
+    name = signal.Signals(number).name
+    stop_lanes(lanes, name)
+    state = lanes[0].state
+    total = lanes[0].run.total_steps
+    raise TrainingStopped(f"Stopped by {name} at step {state.step} of {total}", number)
