@@ -35,8 +35,7 @@ from hooktrain.engine.signals import Interrupted, interrupt_on_signals
 from hooktrain.errors import HooktrainError, TrainingStopped, shown
 
 if TYPE_CHECKING:  # the commands import the engine when they run, not at --help
-    from hooktrain.engine.ablation import Ablation
-    from hooktrain.engine.recipe import Recipe
+    pass
 
 DEVICE_CHOICE = click.Choice(DEVICES)
 
@@ -281,7 +280,7 @@ def ablate(
     import attrs
 
     from hooktrain.engine.ablation import ABLATION_FILE, Ablation, Factor
-    from hooktrain.engine.ablation_runner import run_ablation
+    from hooktrain.engine.ablation_runner import newest_ablation, run_ablation
     from hooktrain.engine.recipe import load_recipe_module
 
     base, module = load_recipe_module(recipe_name)
@@ -300,7 +299,7 @@ def ablate(
     ablation = attrs.evolve(ablation, **{k: v for k, v in changes.items() if v is not None})
     recipe = ablation.fixed_recipe(base, assignments, with_plugins, without_plugins)
     if out is None and resume:
-        out = _newest_ablation(recipe, ablation)
+        out = newest_ablation(recipe, ablation)
     if resume and not (out / ABLATION_FILE).is_file():
         raise HooktrainError(f"{out} holds no ablation to resume; start one without --resume.")
     out = out or Path("runs") / f"ablate-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -314,19 +313,6 @@ def ablate(
             f"the finished runs are kept in {out / ABLATION_FILE}: run the same command with "
             f"--out {out} (or --resume) to do the rest",
         ) from None
-
-
-def _newest_ablation(recipe: Recipe, ablation: Ablation) -> Path:
-    from hooktrain.engine.ablation_runner import holds_ablation
-
-    folders = sorted(Path("runs").glob(f"ablate-{recipe.name}-*"), reverse=True)
-    match = next((folder for folder in folders if holds_ablation(folder, recipe, ablation)), None)
-    if match is None:
-        raise HooktrainError(
-            f"No ablation of {recipe.name} with these settings is under runs/ to resume; "
-            "name its folder with --out, or start it without --resume."
-        )
-    return match
 
 
 @main.command(name="list")

@@ -274,7 +274,8 @@ def test_sigterm_to_torchrun_saves_where_the_processes_stopped(
     assert stopped, output
     assert f"`torchrun ... -m hooktrain resume {run_dir}`" in output
     saved = load_checkpoint(run_dir / CHECKPOINT_FOLDER / "last.pt")["state"]
-    assert saved["step"] == int(stopped.group(1))
+    # Seen once in about 30 runs on a loaded machine: last.pt a step behind; the output says why.
+    assert saved["step"] == int(stopped.group(1)), output
 
 
 def _wait_for_checkpoint(job: subprocess.Popen, run_dir: Path) -> None:

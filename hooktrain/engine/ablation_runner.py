@@ -209,3 +209,15 @@ def _seed_folder(out_dir: Path, cell: Cell, seed: int) -> Path:
                 "remove it, or pass another --out."
             )
     return out_dir / CELLS_FOLDER / cell.folder / f"seed-{seed}"
+
+
+def newest_ablation(recipe: Recipe, ablation: Ablation, runs: Path = Path("runs")) -> Path:
+    """The newest ``runs/ablate-RECIPE-*`` folder holding exactly this ablation (``--resume``)."""
+    folders = sorted(runs.glob(f"ablate-{recipe.name}-*"), reverse=True)
+    match = next((folder for folder in folders if holds_ablation(folder, recipe, ablation)), None)
+    if match is None:
+        raise HooktrainError(
+            f"No ablation of {recipe.name} with these settings is under {runs}/ to resume; "
+            "name its folder with --out, or start it without --resume."
+        )
+    return match
