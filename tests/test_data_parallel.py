@@ -278,6 +278,28 @@ def test_sigterm_to_torchrun_saves_where_the_processes_stopped(
     assert saved["step"] == int(stopped.group(1)), output
 
 
+def test_a_signal_to_one_process_stops_all_at_one_step(tiny_cifar: Path, tmp_path: Path) -> None:
+    """SIGTERM to rank 1 alone: the processes agree on the stop (every few steps), so rank 0
+    stops at the same step and saves it, instead of waiting in the next step's all-reduce for
+    a process that has gone (what a signal reaching two processes on either side of a step
+    boundary did before)."""
+    run_dir = tmp_path / "run"
+    job = torchrun("run", "resnet9_cifar10", "--data-dir", tiny_cifar, *SMALL,
+                   "--set", "epochs=500", "--out", run_dir)  # fmt: skip
+    try:
+        _wait_for_checkpoint(job, run_dir)
+        os.kill(_process_of_rank(job.pid, 1), signal.SIGTERM)
+        code, output = finished(job, timeout=120)
+    finally:
+        job.kill()
+    assert code != 0
+    assert "lost contact" not in output, output
+    stops = re.findall(r"Stopped by SIGTERM at step (\d+) of 3000", output)
+    assert len(stops) == 2 and len(set(stops)) == 1, output  # both ranks, one step
+    saved = load_checkpoint(run_dir / CHECKPOINT_FOLDER / "last.pt")["state"]
+    assert saved["step"] == int(stops[0]), output
+
+
 def _wait_for_checkpoint(job: subprocess.Popen, run_dir: Path) -> None:
     deadline = time.monotonic() + 120
     while not (run_dir / CHECKPOINT_FOLDER / "last.pt").exists():

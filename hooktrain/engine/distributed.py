@@ -154,6 +154,21 @@ def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def agree_on_stop(signal_number: int | None, device: torch.device) -> int | None:
+    """The stop signal any process received, agreed by all (one small all-reduce).
+
+    A signal reaches the processes at slightly different moments; deciding alone, one could
+    stop after a step that another has already passed, which then waits in the next step's
+    collectives for a process that has gone.
+    """
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([signal_number or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
 def agree_on_start(step: int, tensors: list[torch.Tensor]) -> None:
     """Make every process start from rank 0's numbers, after checking they are at one step.
 
