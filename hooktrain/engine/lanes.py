@@ -12,12 +12,16 @@ import attrs
 import pluggy
 import torch
 
-from hooktrain.engine import checkpoints
+from hooktrain.engine import checkpoints, distributed
 from hooktrain.engine.context import RunContext
 from hooktrain.engine.recipe import Recipe
+from hooktrain.engine.signals import StopRequest
 from hooktrain.engine.state import TrainState
 from hooktrain.engine.step import Batch, Evaluation, LaneStepFn, StepFn
 from hooktrain.errors import TrainingStopped
+
+# Under torchrun, how often the processes agree whether a signal asked them to stop.
+STOP_AGREEMENT_STEPS = 5
 
 
 @attrs.define
@@ -106,3 +110,21 @@ def stop_by_signal(lanes: list[Lane], number: int) -> None:
     state = lanes[0].state
     total = lanes[0].run.total_steps
     raise TrainingStopped(f"Stopped by {name} at step {state.step} of {total}", number)
+
+
+def honour_stop(
+    lanes: list[Lane], stop: StopRequest, device: torch.device, at_boundary: bool
+) -> None:
+    """Stop the run here if a signal asked for it.
+
+    Under torchrun the processes agree first, at epoch ends and every
+    ``STOP_AGREEMENT_STEPS`` steps (every process at the same steps, so they stop at one);
+    a signal waits at most that many steps.
+    """
+    number = stop.signal_number
+    if lanes[0].run.world_size > 1:
+        if not (at_boundary or lanes[0].state.step % STOP_AGREEMENT_STEPS == 0):
+            return
+        number = distributed.agree_on_stop(number, device)
+    if number is not None:
+        stop_by_signal(lanes, number)

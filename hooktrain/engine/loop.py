@@ -36,9 +36,9 @@ from hooktrain.engine.lanes import (
     Lane,
     as_lane_evaluate,
     as_lane_step,
+    honour_stop,
     payload_writer,
     prefixed,
-    stop_by_signal,
     stop_lanes,
 )
 from hooktrain.engine.optim import recipe_optimizer
@@ -47,8 +47,8 @@ from hooktrain.engine.plugin import (
     make_plugin_manager,
 )
 from hooktrain.engine.recipe import Recipe
-from hooktrain.engine.run_folder import hold_run_folders, write_config
-from hooktrain.engine.signals import StopRequest, stop_on_signals
+from hooktrain.engine.run_folder import hold_run_folders, mark_finished, write_config
+from hooktrain.engine.signals import stop_on_signals
 from hooktrain.engine.sources import load_cifar10
 from hooktrain.engine.state import TrainState, capture_global_rng
 from hooktrain.engine.step import (
@@ -62,9 +62,6 @@ from hooktrain.engine.step import (
 )
 from hooktrain.errors import HooktrainError
 from hooktrain.models import shard_randomness
-
-# Under torchrun, how often the processes agree whether a signal asked them to stop.
-STOP_AGREEMENT_STEPS = 5
 
 
 def train(
@@ -345,10 +342,10 @@ def _fit(
                     )
                 # After an epoch's last step, the stop waits for the epoch's end.
                 if index + 1 < data.steps_per_epoch:
-                    _honour_stop(lanes, stop, data.device, at_boundary=False)
+                    honour_stop(lanes, stop, data.device, at_boundary=False)
             reports = _end_epoch(lanes, generators, evaluate_all, data, epoch)
             if epoch + 1 < epochs:
-                _honour_stop(lanes, stop, data.device, at_boundary=True)
+                honour_stop(lanes, stop, data.device, at_boundary=True)
             stop_here = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
             if stop_here and epoch + 1 < epochs:
                 stop_lanes(lanes, "stop_after_epoch")
@@ -360,32 +357,8 @@ def _fit(
         for lane, report in zip(lanes, reports, strict=True):
             lane.manager.hook.hooktrain_fit_end(run=lane.run, state=lane.state, report=report)
             if lane.run.is_main:
-                _mark_finished(lane.run)
+                mark_finished(lane.run.out_dir, lane.run.config)
         return reports
-
-
-def _honour_stop(
-    lanes: list[Lane], stop: StopRequest, device: torch.device, at_boundary: bool
-) -> None:
-    """Stop the run here if a signal asked for it.
-
-    Under torchrun the processes agree first, at epoch ends and every
-    ``STOP_AGREEMENT_STEPS`` steps (every process at the same steps, so they stop at one);
-    a signal waits at most that many steps.
-    """
-    number = stop.signal_number
-    if lanes[0].run.world_size > 1:
-        if not (at_boundary or lanes[0].state.step % STOP_AGREEMENT_STEPS == 0):
-            return
-        number = distributed.agree_on_stop(number, device)
-    if number is not None:
-        stop_by_signal(lanes, number)
-
-
-def _mark_finished(run: RunContext) -> None:
-    """Record in config.json that the run is complete, so resume never trains it again
-    (whatever plugins it has: a recipe without checkpoint or metrics leaves nothing else)."""
-    write_config(run.out_dir, {**run.config, "run": {**run.config["run"], "finished": True}})
 
 
 def _batches_done(state: TrainState, steps_per_epoch: int) -> int:

@@ -360,3 +360,9 @@ def write_config(out_dir: Path, config: dict[str, Any]) -> None:
             "files already there are as they were; make room on that disk or make the folder "
             "writable, then run the same command again."
         ) from error
+
+
+def mark_finished(out_dir: Path, config: dict[str, Any]) -> None:
+    """Record in config.json that the run is complete, so resume never trains it again
+    (whatever plugins it has: a recipe without checkpoint or metrics leaves nothing else)."""
+    write_config(out_dir, {**config, "run": {**config["run"], "finished": True}})
