@@ -25,6 +25,7 @@ from hooktrain.engine.files import (
 )
 from hooktrain.engine.resume import (
     DEVICES,
+    config_if_readable,
     continue_run,
     data_dir_of,
     read_run_config,
@@ -208,7 +209,7 @@ def _interruptible(run_dir: Path) -> Iterator[None]:
         yield
     except (KeyboardInterrupt, TrainingStopped) as error:
         command = resume_command(
-            run_dir, _config_if_readable(run_dir), Topology.from_environment().distributed
+            run_dir, config_if_readable(run_dir), Topology.from_environment().distributed
         )
         if any((run_dir / CHECKPOINT_FOLDER).glob("*.pt")):
             advice = f"continue from the last checkpoint with `{command}`"
@@ -331,13 +332,6 @@ def list_() -> None:
     click.echo("plugins:")
     for name, cls in sorted(plugin_classes().items()):
         click.echo(f"  {name:<20} {first_line(cls)}")
-
-
-def _config_if_readable(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        return read_run_config(run_dir / CONFIG_FILE)
-    except HooktrainError:
-        return None
 
 
 def _recipe_option(function: Any) -> Any:

@@ -31,7 +31,7 @@ from hooktrain.engine.saved import checkpoint_problem
 from hooktrain.engine.sources import load_cifar10
 from hooktrain.engine.state import TrainState
 from hooktrain.engine.step import Evaluation, StepPieces, build_evaluate, constant_schedule
-from hooktrain.errors import HooktrainError
+from hooktrain.errors import HooktrainError, short_reason
 from hooktrain.models import recipe_model
 
 
@@ -242,3 +242,11 @@ def check_resumable(
     for out_dir, payload in zip(out_dirs, resume, strict=True):
         state = payload["state"]
         echo(f"resuming {out_dir} at step {state['step']} (epoch {state['epoch']} done)")
+
+
+def out_of_memory(error: BaseException, device: torch.device) -> HooktrainError:
+    """The sentence for a run that ran out of memory on ``device``."""
+    return HooktrainError(
+        f"The run does not fit in the memory of {device} ({short_reason(error)}); make the "
+        "model or the batches smaller (--set width=..., --set batch_size=...)."
+    )

@@ -24,6 +24,7 @@ from hooktrain.engine.build import (
     device_data,
     load_plugin_states,
     lockstep_recipe,
+    out_of_memory,
     resolve_device,
 )
 from hooktrain.engine.config import recipe_to_config
@@ -60,7 +61,7 @@ from hooktrain.engine.step import (
     build_lane_step,
     build_step,
 )
-from hooktrain.errors import HooktrainError
+from hooktrain.errors import HooktrainError, short_reason
 from hooktrain.models import shard_randomness
 
 
@@ -143,30 +144,19 @@ def train_seeds(
                 tags=tags,
             )
         except torch.OutOfMemoryError as error:
-            raise _out_of_memory(error, torch_device) from error
+            raise out_of_memory(error, torch_device) from error
         except RuntimeError as error:
             if "can't allocate memory" in str(error):  # the CPU allocator's words
-                raise _out_of_memory(error, torch_device) from error
+                raise out_of_memory(error, torch_device) from error
             if not distributed.is_collective_failure(error):
                 raise
             raise HooktrainError(
                 f"Process {topology.rank} of this run lost contact with the others "
-                f"({type(error).__name__}: {_first_line(error)}): one of them failed or was "
+                f"({type(error).__name__}: {short_reason(error)}): one of them failed or was "
                 "stopped, so the run ends here; torchrun names the process that failed first. "
                 f"Continue from the last checkpoint with `torchrun ... -m hooktrain resume "
                 f"{out_dirs[0]}`."
             ) from error
-
-
-def _out_of_memory(error: BaseException, device: torch.device) -> HooktrainError:
-    return HooktrainError(
-        f"The run does not fit in the memory of {device} ({_first_line(error)}); make the "
-        "model or the batches smaller (--set width=..., --set batch_size=...)."
-    )
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def _train_lanes(

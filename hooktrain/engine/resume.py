@@ -114,3 +114,11 @@ def continue_run(
         resume=None if found is None else found[1],
         echo=echo,
     )
+
+
+def config_if_readable(run_dir: Path) -> dict[str, Any] | None:
+    """The run folder's config.json, or None where it is missing or damaged."""
+    try:
+        return read_run_config(run_dir / CONFIG_FILE)
+    except HooktrainError:
+        return None
