@@ -46,10 +46,10 @@ from pathlib import Path
 
 import torch
 
-from hooktrain.engine.build import resolve_device
-from hooktrain.engine.recipe import Recipe, apply_overrides, load_recipe
+from hooktrain.config.recipe import Recipe, apply_overrides, load_recipe
 from hooktrain.errors import HooktrainError
 from hooktrain.plugins.metrics import METRICS_FILE
+from hooktrain.run.build import resolve_device
 
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]
 PLUGIN = "data_parallel"

@@ -30,18 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hooktrain.engine.build import compose_pieces
-from hooktrain.engine.context import BuildContext
-from hooktrain.engine.optim import make_optimizer
-from hooktrain.engine.plugin import make_plugin_manager
-from hooktrain.engine.recipe import Recipe
-from hooktrain.engine.state import TrainState
-from hooktrain.engine.step import build_step
+from hooktrain.config.recipe import Recipe
+from hooktrain.core.context import BuildContext
+from hooktrain.core.optim import make_optimizer
+from hooktrain.core.plugin import make_plugin_manager
+from hooktrain.core.state import TrainState
+from hooktrain.core.step import build_step
 from hooktrain.models import resnet9
 from hooktrain.plugins.grad_clip import GradClip
 from hooktrain.plugins.metrics import Metrics
 from hooktrain.plugins.onecycle import OneCycle
 from hooktrain.plugins.weight_decay import WeightDecay
+from hooktrain.run.build import compose_pieces
 
 MAX_LR, DECAY, CLIP = 0.01, 1e-4, 0.1
 Batches = list[tuple[torch.Tensor, torch.Tensor]]

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from hooktrain.engine.build import resolve_device
-from hooktrain.engine.loop import train
-from hooktrain.engine.recipe import Recipe, apply_overrides, load_recipe
+from hooktrain.config.recipe import Recipe, apply_overrides, load_recipe
 from hooktrain.plugins.metrics import METRICS_FILE
+from hooktrain.run.build import resolve_device
+from hooktrain.run.loop import train
 
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]
 

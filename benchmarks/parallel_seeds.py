@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from hooktrain.engine.build import resolve_device
-from hooktrain.engine.loop import train, train_seeds
-from hooktrain.engine.recipe import apply_overrides, load_recipe
+from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.run.build import resolve_device
+from hooktrain.run.loop import train, train_seeds
 
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]
 

@@ -39,12 +39,12 @@ from typing import Any
 
 import torch
 
-from hooktrain.engine.build import resolve_device
-from hooktrain.engine.data import ImageDataset
-from hooktrain.engine.loop import train
-from hooktrain.engine.recipe import Recipe, apply_overrides, load_recipe
-from hooktrain.engine.sources import load_cifar10
+from hooktrain.config.recipe import Recipe, apply_overrides, load_recipe
+from hooktrain.data.device import ImageDataset
+from hooktrain.data.sources import load_cifar10
 from hooktrain.errors import HooktrainError
+from hooktrain.run.build import resolve_device
+from hooktrain.run.loop import train
 
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]
 AIRBENCH = "airbench94"

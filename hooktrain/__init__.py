@@ -14,34 +14,34 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from hooktrain.engine.ablation import Ablation
-    from hooktrain.engine.ablation_runner import run_ablation
-    from hooktrain.engine.context import BuildContext, EpochReport, RunContext
-    from hooktrain.engine.hookspecs import hookimpl
-    from hooktrain.engine.loop import train, train_seeds
-    from hooktrain.engine.pieces import DecayRule, GradientTransform, LossFn, LRSchedule, Replicas
-    from hooktrain.engine.plugin import Plugin
-    from hooktrain.engine.recipe import Recipe
-    from hooktrain.engine.state import TrainState
+    from hooktrain.ablation.runner import run_ablation
+    from hooktrain.ablation.spec import Ablation
+    from hooktrain.config.recipe import Recipe
+    from hooktrain.core.context import BuildContext, EpochReport, RunContext
+    from hooktrain.core.hookspecs import hookimpl
+    from hooktrain.core.pieces import DecayRule, GradientTransform, LossFn, LRSchedule, Replicas
+    from hooktrain.core.plugin import Plugin
+    from hooktrain.core.state import TrainState
     from hooktrain.errors import HooktrainError
+    from hooktrain.run.loop import train, train_seeds
 
 _EXPORTS = {
-    "Ablation": "hooktrain.engine.ablation",
-    "run_ablation": "hooktrain.engine.ablation_runner",
-    "BuildContext": "hooktrain.engine.context",
-    "EpochReport": "hooktrain.engine.context",
-    "RunContext": "hooktrain.engine.context",
-    "hookimpl": "hooktrain.engine.hookspecs",
-    "train": "hooktrain.engine.loop",
-    "train_seeds": "hooktrain.engine.loop",
-    "DecayRule": "hooktrain.engine.pieces",
-    "GradientTransform": "hooktrain.engine.pieces",
-    "LossFn": "hooktrain.engine.pieces",
-    "LRSchedule": "hooktrain.engine.pieces",
-    "Replicas": "hooktrain.engine.pieces",
-    "Plugin": "hooktrain.engine.plugin",
-    "Recipe": "hooktrain.engine.recipe",
-    "TrainState": "hooktrain.engine.state",
+    "Ablation": "hooktrain.ablation.spec",
+    "run_ablation": "hooktrain.ablation.runner",
+    "BuildContext": "hooktrain.core.context",
+    "EpochReport": "hooktrain.core.context",
+    "RunContext": "hooktrain.core.context",
+    "hookimpl": "hooktrain.core.hookspecs",
+    "train": "hooktrain.run.loop",
+    "train_seeds": "hooktrain.run.loop",
+    "DecayRule": "hooktrain.core.pieces",
+    "GradientTransform": "hooktrain.core.pieces",
+    "LossFn": "hooktrain.core.pieces",
+    "LRSchedule": "hooktrain.core.pieces",
+    "Replicas": "hooktrain.core.pieces",
+    "Plugin": "hooktrain.core.plugin",
+    "Recipe": "hooktrain.config.recipe",
+    "TrainState": "hooktrain.core.state",
     "HooktrainError": "hooktrain.errors",
 }
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is

@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hooktrain import __version__
-from hooktrain.engine.distributed import Topology, elastic_restart
-from hooktrain.engine.files import (
+from hooktrain.errors import HooktrainError, TrainingStopped, shown
+from hooktrain.run.distributed import Topology, elastic_restart
+from hooktrain.run.files import (
     CHECKPOINT_FOLDER,
     CONFIG_FILE,
     resume_command,
 )
-from hooktrain.engine.resume import (
+from hooktrain.run.folder import claim_run_folder, hold_run_folder
+from hooktrain.run.resume import (
     DEVICES,
     config_if_readable,
     continue_run,
@@ -31,9 +33,7 @@ from hooktrain.engine.resume import (
     read_run_config,
     recipe_module_for,
 )
-from hooktrain.engine.run_folder import claim_run_folder, hold_run_folder
-from hooktrain.engine.signals import Interrupted, interrupt_on_signals
-from hooktrain.errors import HooktrainError, TrainingStopped, shown
+from hooktrain.run.signals import Interrupted, interrupt_on_signals
 
 if TYPE_CHECKING:  # the commands import the engine when they run, not at --help
     pass
@@ -165,8 +165,8 @@ def run(
     data-parallel and the first writes the run folder; when torchrun restarts them after a
     failure (--max-restarts), they continue the run in --out from its last checkpoint.
     """
-    from hooktrain.engine.loop import train
-    from hooktrain.engine.recipe import apply_overrides, load_recipe_module
+    from hooktrain.config.recipe import apply_overrides, load_recipe_module
+    from hooktrain.run.loop import train
 
     if seed is not None:
         assignments = (*assignments, f"seed={seed}")
@@ -280,9 +280,9 @@ def ablate(
         )
     import attrs
 
-    from hooktrain.engine.ablation import ABLATION_FILE, Ablation, Factor
-    from hooktrain.engine.ablation_runner import newest_ablation, run_ablation
-    from hooktrain.engine.recipe import load_recipe_module
+    from hooktrain.ablation.runner import newest_ablation, run_ablation
+    from hooktrain.ablation.spec import ABLATION_FILE, Ablation, Factor
+    from hooktrain.config.recipe import load_recipe_module
 
     base, module = load_recipe_module(recipe_name)
     factors = [Factor.parse(text) for text in vary]
@@ -319,8 +319,8 @@ def ablate(
 @main.command(name="list")
 def list_() -> None:
     """List the recipes and plugins, the installed third-party ones too."""
-    from hooktrain.engine.plugin import plugin_classes
-    from hooktrain.engine.recipe import recipe_paths
+    from hooktrain.config.recipe import recipe_paths
+    from hooktrain.core.plugin import plugin_classes
 
     def first_line(obj: Any) -> str:
         return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
@@ -383,8 +383,8 @@ def _continue_run(
 @_recipe_option
 def eval_(checkpoint: Path, data_dir: Path | None, device: str, recipe_file: Path | None) -> None:
     """Test accuracy of a CHECKPOINT on the test images."""
-    from hooktrain.engine.build import evaluate_checkpoint
-    from hooktrain.engine.checkpoints import load_checkpoint
+    from hooktrain.run.build import evaluate_checkpoint
+    from hooktrain.run.checkpoints import load_checkpoint
 
     payload = load_checkpoint(checkpoint)
     config = payload["config"] if isinstance(payload["config"], dict) else {}

@@ -12,7 +12,7 @@ import pytest
 from click.testing import Result
 
 from hooktrain import models
-from hooktrain.engine import data as engine_data
+from hooktrain.data import device as engine_data
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.xz"
 

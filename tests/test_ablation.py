@@ -29,9 +29,9 @@ from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from hooktrain.cli import main
-from hooktrain.engine import loop
-from hooktrain.engine.ablation import (
+from hooktrain.ablation.results import AblationResult
+from hooktrain.ablation.runner import run_ablation
+from hooktrain.ablation.spec import (
     ABLATION_FILE,
     CELLS_FOLDER,
     TABLE_FILE,
@@ -41,16 +41,16 @@ from hooktrain.engine.ablation import (
     cell_recipe,
     split_values,
 )
-from hooktrain.engine.ablation_results import AblationResult
-from hooktrain.engine.ablation_runner import run_ablation
-from hooktrain.engine.checkpoints import load_checkpoint
-from hooktrain.engine.context import EpochReport
-from hooktrain.engine.files import CONFIG_FILE
-from hooktrain.engine.recipe import Recipe, apply_overrides, load_recipe
+from hooktrain.cli import main
+from hooktrain.config.recipe import Recipe, apply_overrides, load_recipe
+from hooktrain.core.context import EpochReport
 from hooktrain.errors import HooktrainError
 from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER, LAST
 from hooktrain.plugins.grad_clip import GradClip
 from hooktrain.plugins.metrics import METRICS_FILE, TENSORBOARD_FOLDER
+from hooktrain.run import loop
+from hooktrain.run.checkpoints import load_checkpoint
+from hooktrain.run.files import CONFIG_FILE
 
 FLAGSHIP = "resnet9_cifar10"
 TINY = ["width=4", "batch_size=40", "eval_batch_size=100", "metrics.progress=false"]
@@ -351,7 +351,7 @@ def test_cell_recipe_switches_plugins_and_applies_settings(flagship: Recipe) -> 
 
 
 NO_ABLATION_RECIPE = """
-from hooktrain.engine.recipe import load_recipe
+from hooktrain.config.recipe import load_recipe
 
 recipe = load_recipe("resnet9_cifar10")
 """
@@ -848,8 +848,8 @@ def test_run_ablation_api_matches_its_files(
 DECLARED_RECIPE = """
 import attrs
 
-from hooktrain.engine.ablation import Ablation
-from hooktrain.engine.recipe import apply_overrides, load_recipe
+from hooktrain.ablation.spec import Ablation
+from hooktrain.config.recipe import apply_overrides, load_recipe
 
 recipe = attrs.evolve(
     apply_overrides(load_recipe("resnet9_cifar10"), TINY), name="tiny_declared"

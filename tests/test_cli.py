@@ -24,7 +24,18 @@ from click.testing import CliRunner, Result
 from conftest import assert_user_error
 
 from hooktrain.cli import main
-from hooktrain.engine.checkpoints import (
+from hooktrain.config.recipe import (
+    Recipe,
+    apply_overrides,
+    load_recipe,
+)
+from hooktrain.config.stored import recipe_from_config, recipe_to_config
+from hooktrain.core.plugin import BUILTIN_PLUGINS, import_object
+from hooktrain.errors import HooktrainError
+from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST
+from hooktrain.plugins.grad_clip import GradClip
+from hooktrain.plugins.metrics import METRICS_FILE
+from hooktrain.run.checkpoints import (
     FORMAT,
     STATE_KEYS,
     VERSION,
@@ -33,18 +44,7 @@ from hooktrain.engine.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from hooktrain.engine.config import recipe_from_config, recipe_to_config
-from hooktrain.engine.files import CONFIG_FILE
-from hooktrain.engine.plugin import BUILTIN_PLUGINS, import_object
-from hooktrain.engine.recipe import (
-    Recipe,
-    apply_overrides,
-    load_recipe,
-)
-from hooktrain.errors import HooktrainError
-from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST
-from hooktrain.plugins.grad_clip import GradClip
-from hooktrain.plugins.metrics import METRICS_FILE
+from hooktrain.run.files import CONFIG_FILE
 
 FLAGSHIP = "resnet9_cifar10"
 PLUGIN_ORDER = (
@@ -403,7 +403,7 @@ def test_unknown_recipe_name_suggests() -> None:
 def test_recipe_from_a_python_file(tmp_path: Path) -> None:
     path = tmp_path / "my_recipe.py"
     path.write_text(
-        "from hooktrain.engine.recipe import Recipe\n"
+        "from hooktrain.config.recipe import Recipe\n"
         "from hooktrain.plugins.grad_clip import GradClip\n"
         "\n"
         'recipe = Recipe(name="mine", epochs=2, width=8, plugins=(GradClip(max=0.5),))\n'
@@ -834,7 +834,7 @@ def test_copied_checkpoint_keeps_its_content_when_the_source_is_rewritten(
 INTERRUPTING_RECIPE = """
 import attrs
 from hooktrain import Plugin, hookimpl
-from hooktrain.engine.recipe import apply_overrides, load_recipe
+from hooktrain.config.recipe import apply_overrides, load_recipe
 
 
 @attrs.define

@@ -1,4 +1,4 @@
-"""Tests for hooktrain.engine.data: batched augmentation and DeviceData."""
+"""Tests for hooktrain.data.device: batched augmentation and DeviceData."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from hooktrain.engine.data import (
+from hooktrain.data.device import (
     CIFAR10_CLASSES,
     DeviceData,
     ImageDataset,

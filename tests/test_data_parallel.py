@@ -26,18 +26,18 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from hooktrain.cli import main
-from hooktrain.engine.build import build_models
-from hooktrain.engine.checkpoints import load_checkpoint
-from hooktrain.engine.data import DeviceData
-from hooktrain.engine.distributed import Topology
-from hooktrain.engine.loop import train
-from hooktrain.engine.recipe import apply_overrides, load_recipe
-from hooktrain.engine.sources import load_cifar10
+from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.data.device import DeviceData
+from hooktrain.data.sources import load_cifar10
 from hooktrain.errors import HooktrainError
 from hooktrain.models import Dropout, hashed_uniform
 from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER
 from hooktrain.plugins.data_parallel import buckets, replica_mean, with_sync_batchnorm
 from hooktrain.plugins.metrics import METRICS_FILE
+from hooktrain.run.build import build_models
+from hooktrain.run.checkpoints import load_checkpoint
+from hooktrain.run.distributed import Topology
+from hooktrain.run.loop import train
 
 # Small and quick: 240 images in batches of 40 (2 processes x 20), 6 steps an epoch.
 SMALL = ("--device", "cpu", "--set", "width=8", "--set", "batch_size=40")

@@ -14,16 +14,16 @@ from click.testing import CliRunner
 from torch import nn
 
 from hooktrain.cli import main
-from hooktrain.engine.build import evaluate_checkpoint
-from hooktrain.engine.checkpoints import load_checkpoint
-from hooktrain.engine.loop import train
-from hooktrain.engine.recipe import apply_overrides, load_recipe
-from hooktrain.engine.state import TrainState
-from hooktrain.engine.step import build_evaluate
+from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.core.state import TrainState
+from hooktrain.core.step import build_evaluate
 from hooktrain.errors import HooktrainError
 from hooktrain.models import resnet9
 from hooktrain.plugins.ema import EMA
 from hooktrain.plugins.label_smoothing import LabelSmoothing
+from hooktrain.run.build import evaluate_checkpoint
+from hooktrain.run.checkpoints import load_checkpoint
+from hooktrain.run.loop import train
 
 TINY = ["width=4", "batch_size=40", "eval_batch_size=100", "compile=false"]
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]

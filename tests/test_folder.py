@@ -21,9 +21,9 @@ from click.testing import CliRunner, Result
 from conftest import assert_user_error
 
 from hooktrain.cli import main
-from hooktrain.engine.files import CONFIG_FILE
-from hooktrain.engine.run_folder import LOCK_FILE, hold_run_folder, not_a_run
 from hooktrain.errors import HooktrainError
+from hooktrain.run.files import CONFIG_FILE
+from hooktrain.run.folder import LOCK_FILE, hold_run_folder, not_a_run
 
 FLAGSHIP = "resnet9_cifar10"
 TINY = [
@@ -84,7 +84,7 @@ def run_copy(finished_run: Path, tmp_path: Path) -> Path:
 HELD_RUN = """
 import sys
 import time
-from hooktrain.engine import data
+from hooktrain.data import device as data
 
 real_train_batch = data.DeviceData.train_batch
 
@@ -155,7 +155,7 @@ def test_a_folder_in_use_refuses_another_run_resume_and_overwrite_until_its_proc
 HOLDER = """
 import sys, time
 from pathlib import Path
-from hooktrain.engine.run_folder import hold_run_folder
+from hooktrain.run.folder import hold_run_folder
 
 with hold_run_folder(Path(sys.argv[1])):
     print("held", flush=True)
@@ -200,8 +200,8 @@ def test_holding_nests_in_one_process_and_refuses_other_processes(
 def test_seeds_trained_together_hold_every_folder(
     holder: tuple[subprocess.Popen[str], Path], tmp_path: Path, tiny_cifar: Path
 ) -> None:
-    from hooktrain.engine.loop import train_seeds
-    from hooktrain.engine.recipe import apply_overrides, load_recipe
+    from hooktrain.config.recipe import apply_overrides, load_recipe
+    from hooktrain.run.loop import train_seeds
 
     process, held = holder
     recipe = apply_overrides(load_recipe(FLAGSHIP), ["width=4", "epochs=1", "batch_size=40"])

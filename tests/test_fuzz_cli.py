@@ -37,10 +37,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from hooktrain.cli import main
-from hooktrain.engine.data import CIFAR10_CLASSES, crop_flip
-from hooktrain.engine.plugin import plugin_classes
-from hooktrain.engine.recipe import SEED_LIMIT, Recipe, apply_overrides, field_names, load_recipe
-from hooktrain.engine.sources import load_cifar10
+from hooktrain.config.recipe import SEED_LIMIT, Recipe, apply_overrides, field_names, load_recipe
+from hooktrain.core.plugin import plugin_classes
+from hooktrain.data.device import CIFAR10_CLASSES, crop_flip
+from hooktrain.data.sources import load_cifar10
 from hooktrain.errors import HooktrainError
 
 FLAGSHIP = "resnet9_cifar10"
@@ -465,10 +465,10 @@ BROKEN_RECIPES = [
     "import no_such_module_for_hooktrain",
     "raise RuntimeError('a\\nmultiline\\nfailure')",
     "recipe = 5",
-    "from hooktrain.engine.recipe import Recipe\nrecipe = Recipe(name='x', epochs=0)",
-    "from hooktrain.engine.recipe import Recipe\nrecipe = Recipe(name='x', no_field=1)",
-    "from hooktrain.engine.recipe import Recipe\nrecipe = Recipe()",
-    "from hooktrain.engine.recipe import Recipe\nRecipe = 1\nrecipe = Recipe",
+    "from hooktrain.config.recipe import Recipe\nrecipe = Recipe(name='x', epochs=0)",
+    "from hooktrain.config.recipe import Recipe\nrecipe = Recipe(name='x', no_field=1)",
+    "from hooktrain.config.recipe import Recipe\nrecipe = Recipe()",
+    "from hooktrain.config.recipe import Recipe\nRecipe = 1\nrecipe = Recipe",
     "1 / 0",
     "x = undefined_name",
     "\tindented = True",

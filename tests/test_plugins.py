@@ -10,18 +10,18 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import OneCycleLR
 
-from hooktrain.engine.context import BuildContext
-from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.optim import make_optimizer
-from hooktrain.engine.pieces import GradientTransform, LRSchedule
-from hooktrain.engine.plugin import (
+from hooktrain.config.recipe import Recipe
+from hooktrain.core.context import BuildContext
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.optim import make_optimizer
+from hooktrain.core.pieces import GradientTransform, LRSchedule
+from hooktrain.core.plugin import (
     Plugin,
     call_order,
     contributions,
     make_plugin_manager,
     sole_contribution,
 )
-from hooktrain.engine.recipe import Recipe
 from hooktrain.errors import HooktrainError
 from hooktrain.models import resnet9
 from hooktrain.plugins.checkpoint import Checkpoint

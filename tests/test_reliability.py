@@ -27,14 +27,14 @@ from click.testing import CliRunner, Result
 from conftest import assert_user_error
 
 from hooktrain.cli import main
-from hooktrain.engine import checkpoints
-from hooktrain.engine.checkpoints import (
+from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST, PREVIOUS
+from hooktrain.run import checkpoints
+from hooktrain.run.checkpoints import (
     CheckpointUnusable,
     load_checkpoint,
     save_checkpoint,
 )
-from hooktrain.engine.files import CONFIG_FILE, METRICS_FILE, TENSORBOARD_FOLDER
-from hooktrain.plugins.checkpoint import BEST, CHECKPOINT_FOLDER, LAST, PREVIOUS
+from hooktrain.run.files import CONFIG_FILE, METRICS_FILE, TENSORBOARD_FOLDER
 
 FLAGSHIP = "resnet9_cifar10"
 TINY = [
@@ -343,7 +343,7 @@ NAN_RECIPE = """
 import attrs
 import torch
 from hooktrain import Plugin, hookimpl
-from hooktrain.engine.recipe import load_recipe
+from hooktrain.config.recipe import load_recipe
 
 
 @attrs.define
@@ -427,7 +427,9 @@ import os
 import signal
 import sys
 import time
-from hooktrain.engine import checkpoints, data, loop
+from hooktrain.run import checkpoints
+from hooktrain.data import device as data
+from hooktrain.run import loop
 
 batch_seconds = float(os.environ.get("SLOW_BATCH", "0.3"))
 step_4_seconds = float(os.environ.get("SLOW_STEP_4", batch_seconds))

@@ -13,18 +13,18 @@ from torch.func import functional_call, vmap
 
 from hooktrain import models
 from hooktrain.cli import main
-from hooktrain.engine.checkpoints import load_checkpoint
-from hooktrain.engine.context import BuildContext
-from hooktrain.engine.loop import train, train_seeds
-from hooktrain.engine.optim import adam, sgd
-from hooktrain.engine.recipe import apply_overrides, load_recipe
-from hooktrain.engine.state import TrainState
-from hooktrain.engine.step import StepPieces, build_lane_step, build_step
+from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.core.context import BuildContext
+from hooktrain.core.optim import adam, sgd
+from hooktrain.core.state import TrainState
+from hooktrain.core.step import StepPieces, build_lane_step, build_step
 from hooktrain.errors import HooktrainError
 from hooktrain.models import Dropout, build_model, hashed_uniform, resnet9
 from hooktrain.plugins.grad_clip import clip_by_norm, clip_by_value
 from hooktrain.plugins.onecycle import onecycle_schedule
 from hooktrain.plugins.weight_decay import WeightDecay
+from hooktrain.run.checkpoints import load_checkpoint
+from hooktrain.run.loop import train, train_seeds
 
 # Two steps per epoch on 80 of the tiny set's images.
 TINY = ["width=4", "batch_size=40", "train_limit=80", "eval_batch_size=100"]

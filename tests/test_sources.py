@@ -1,4 +1,4 @@
-"""Tests for reading CIFAR-10 from disk (hooktrain.engine.sources, image_folders, cache).
+"""Tests for reading CIFAR-10 from disk (hooktrain.data.sources, image_folders, cache).
 
 Hostile files are real: FIFOs, links to /dev/zero, crafted pickles and PNGs, bit flips
 in a real cache file; loads that could hang or fill memory run in a forked child.
@@ -26,10 +26,10 @@ import torchvision
 from PIL import Image
 from torchvision.io import write_jpeg, write_png
 
-from hooktrain.engine import image_folders
-from hooktrain.engine.cache import default_cache_dir
-from hooktrain.engine.data import CIFAR10_CLASSES, ImageDataset
-from hooktrain.engine.sources import default_data_dir, load_cifar10
+from hooktrain.data import image_folders
+from hooktrain.data.cache import default_cache_dir
+from hooktrain.data.device import CIFAR10_CLASSES, ImageDataset
+from hooktrain.data.sources import default_data_dir, load_cifar10
 from hooktrain.errors import HooktrainError
 
 # The tests write and decode images with torchvision.io, deprecated (but working) since 0.29.

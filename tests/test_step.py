@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hooktrain.engine.optim import adam, make_optimizer, sgd
-from hooktrain.engine.pieces import DecayRule
-from hooktrain.engine.state import TrainState
-from hooktrain.engine.step import StepPieces, build_evaluate, build_step, constant_schedule
+from hooktrain.core.optim import adam, make_optimizer, sgd
+from hooktrain.core.pieces import DecayRule
+from hooktrain.core.state import TrainState
+from hooktrain.core.step import StepPieces, build_evaluate, build_step, constant_schedule
 from hooktrain.plugins.grad_clip import clip_by_value
 from hooktrain.plugins.onecycle import onecycle_schedule
 

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hooktrain.cli import main
-from hooktrain.engine.checkpoints import load_checkpoint
-from hooktrain.engine.loop import train
-from hooktrain.engine.recipe import apply_overrides, load_recipe
+from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.run.checkpoints import load_checkpoint
+from hooktrain.run.loop import train
 
 EXAMPLE_PLUGIN = Path(__file__).parent / "example_plugin"
 TINY = ["width=4", "batch_size=40", "eval_batch_size=100"]

@@ -18,11 +18,11 @@ from click.testing import CliRunner, Result
 from conftest import assert_user_error
 
 from hooktrain.cli import main
-from hooktrain.engine.checkpoints import load_checkpoint, save_checkpoint
-from hooktrain.engine.files import CONFIG_FILE, METRICS_FILE
-from hooktrain.engine.loop import train
-from hooktrain.engine.recipe import apply_overrides, load_recipe, load_recipe_module
+from hooktrain.config.recipe import apply_overrides, load_recipe, load_recipe_module
 from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER, LAST, PREVIOUS
+from hooktrain.run.checkpoints import load_checkpoint, save_checkpoint
+from hooktrain.run.files import CONFIG_FILE, METRICS_FILE
+from hooktrain.run.loop import train
 
 TINY = ["width=4", "batch_size=40", "eval_batch_size=100", "metrics.progress=false"]
 
@@ -42,7 +42,7 @@ from pathlib import Path
 import attrs
 
 from hooktrain import Plugin, hookimpl
-from hooktrain.engine.recipe import load_recipe
+from hooktrain.config.recipe import load_recipe
 
 with Path(__file__).with_name("runs_of_the_file.txt").open("a") as log:
     log.write("ran\\n")

@@ -27,15 +27,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import hooktrain
+from hooktrain.ablation.spec import CELLS_FOLDER
 from hooktrain.cli import main
-from hooktrain.engine.ablation import CELLS_FOLDER
-from hooktrain.engine.checkpoints import load_checkpoint, save_checkpoint
-from hooktrain.engine.files import CONFIG_FILE
-from hooktrain.engine.loop import train, train_seeds
-from hooktrain.engine.recipe import apply_overrides, load_recipe
+from hooktrain.config.recipe import apply_overrides, load_recipe
 from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER, LAST
 from hooktrain.plugins.metrics import METRICS_FILE, TENSORBOARD_FOLDER
 from hooktrain.plugins.onecycle import onecycle_schedule
+from hooktrain.run.checkpoints import load_checkpoint, save_checkpoint
+from hooktrain.run.files import CONFIG_FILE
+from hooktrain.run.loop import train, train_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGSHIP = "resnet9_cifar10"

@@ -9,17 +9,17 @@ from typing import Any
 import attrs
 import torch
 
-from hooktrain.engine.checkpoints import (
+from hooktrain.core.context import EpochReport, RunContext
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.plugin import Plugin, setting
+from hooktrain.core.state import TrainState
+from hooktrain.errors import HooktrainError
+from hooktrain.run.checkpoints import (
     copy_checkpoint,
     remove_stale_temp_files,
     save_checkpoint,
 )
-from hooktrain.engine.context import EpochReport, RunContext
-from hooktrain.engine.files import CHECKPOINT_FOLDER
-from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.plugin import Plugin, setting
-from hooktrain.engine.state import TrainState
-from hooktrain.errors import HooktrainError
+from hooktrain.run.files import CHECKPOINT_FOLDER
 
 LAST = "last.pt"
 PREVIOUS = "previous.pt"

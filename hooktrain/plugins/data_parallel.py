@@ -24,10 +24,10 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-from hooktrain.engine.context import BuildContext
-from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.pieces import Replicas
-from hooktrain.engine.plugin import Plugin, setting
+from hooktrain.core.context import BuildContext
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.pieces import Replicas
+from hooktrain.core.plugin import Plugin, setting
 
 MEGABYTE = 2**20
 

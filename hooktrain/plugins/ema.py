@@ -7,9 +7,9 @@ from typing import Any
 import attrs
 import torch
 
-from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.plugin import Plugin, setting
-from hooktrain.engine.state import TrainState
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.plugin import Plugin, setting
+from hooktrain.core.state import TrainState
 from hooktrain.errors import HooktrainError
 
 

@@ -8,10 +8,10 @@ from typing import Literal
 import attrs
 import torch
 
-from hooktrain.engine.context import BuildContext
-from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.pieces import GradientTransform
-from hooktrain.engine.plugin import Plugin, setting
+from hooktrain.core.context import BuildContext
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.pieces import GradientTransform
+from hooktrain.core.plugin import Plugin, setting
 
 Tensors = list[torch.Tensor]
 FLOAT32_MAX = torch.finfo(torch.float32).max

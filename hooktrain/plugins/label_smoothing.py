@@ -7,10 +7,10 @@ from functools import partial
 import attrs
 import torch.nn.functional as F
 
-from hooktrain.engine.context import BuildContext
-from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.pieces import LossFn
-from hooktrain.engine.plugin import Plugin, setting
+from hooktrain.core.context import BuildContext
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.pieces import LossFn
+from hooktrain.core.plugin import Plugin, setting
 
 
 @attrs.define

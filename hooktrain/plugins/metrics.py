@@ -16,11 +16,11 @@ from torchvision.utils import make_grid
 from tqdm import autonotebook, std
 from tqdm.auto import tqdm
 
-from hooktrain.engine.context import EpochReport, RunContext
-from hooktrain.engine.files import METRICS_FILE, TENSORBOARD_FOLDER, atomic_write
-from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.plugin import Plugin, setting
-from hooktrain.engine.state import TrainState
+from hooktrain.core.context import EpochReport, RunContext
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.plugin import Plugin, setting
+from hooktrain.core.state import TrainState
+from hooktrain.run.files import METRICS_FILE, TENSORBOARD_FOLDER, atomic_write
 
 # Step metrics logged as their value at the logged step; the others as means over the window.
 AT_STEP = frozenset({"lr"})

@@ -5,11 +5,11 @@ from __future__ import annotations
 import attrs
 import torch
 
-from hooktrain.engine.context import BuildContext, RunContext
-from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.pieces import GradientTransform
-from hooktrain.engine.plugin import Plugin, setting
-from hooktrain.engine.state import TrainState
+from hooktrain.core.context import BuildContext, RunContext
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.pieces import GradientTransform
+from hooktrain.core.plugin import Plugin, setting
+from hooktrain.core.state import TrainState
 from hooktrain.errors import TrainingDiverged
 from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER, LAST
 

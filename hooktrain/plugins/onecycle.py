@@ -8,10 +8,10 @@ from typing import Literal
 import attrs
 import torch
 
-from hooktrain.engine.context import BuildContext
-from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.pieces import LRSchedule
-from hooktrain.engine.plugin import Plugin, setting
+from hooktrain.core.context import BuildContext
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.pieces import LRSchedule
+from hooktrain.core.plugin import Plugin, setting
 from hooktrain.errors import HooktrainError
 
 

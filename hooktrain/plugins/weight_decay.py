@@ -8,10 +8,10 @@ from typing import Literal
 
 import attrs
 
-from hooktrain.engine.context import BuildContext
-from hooktrain.engine.hookspecs import hookimpl
-from hooktrain.engine.pieces import DecayRule
-from hooktrain.engine.plugin import Plugin, setting
+from hooktrain.core.context import BuildContext
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.pieces import DecayRule
+from hooktrain.core.plugin import Plugin, setting
 
 
 @attrs.define

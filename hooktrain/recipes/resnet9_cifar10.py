@@ -10,8 +10,8 @@ of the image padded by 4 (reflected) and a random horizontal flip; Adam with L2 
 clipping and weight decay are each worth, over three seeds.
 """
 
-from hooktrain.engine.ablation import Ablation
-from hooktrain.engine.recipe import Recipe
+from hooktrain.ablation.spec import Ablation
+from hooktrain.config.recipe import Recipe
 from hooktrain.plugins.checkpoint import Checkpoint
 from hooktrain.plugins.data_parallel import DataParallel
 from hooktrain.plugins.grad_clip import GradClip

@@ -10,7 +10,7 @@ label_smoothing=on,off --vary tta_flip=true,false`` measures what each is worth;
 adds an average of the weights.
 """
 
-from hooktrain.engine.recipe import Recipe
+from hooktrain.config.recipe import Recipe
 from hooktrain.plugins.checkpoint import Checkpoint
 from hooktrain.plugins.data_parallel import DataParallel
 from hooktrain.plugins.label_smoothing import LabelSmoothing

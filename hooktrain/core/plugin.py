@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import attrs
 import pluggy
 
-from hooktrain.engine import hookspecs
+from hooktrain.core import hookspecs
 from hooktrain.errors import HooktrainError
 
 PLUGIN_GROUP = "hooktrain.plugins"
@@ -35,7 +35,7 @@ class Plugin:
     Subclasses set ``default_name``; an instance's ``name`` keys its settings on the command
     line (``--set NAME.FIELD=VALUE``) and its state in checkpoints, so two instances of one
     plugin class need different names. Methods marked ``@hookimpl`` implement the hooks of
-    :mod:`hooktrain.engine.hookspecs`.
+    :mod:`hooktrain.core.hookspecs`.
     """
 
     default_name: ClassVar[str] = ""
@@ -137,7 +137,7 @@ def make_plugin_manager(plugins: Sequence[Plugin]) -> pluggy.PluginManager:
         name = getattr(error.plugin, "name", type(error.plugin).__name__)
         raise HooktrainError(
             f"The plugin {name!r} does not fit hooktrain's hooks ({error}); see "
-            "hooktrain/engine/hookspecs.py for the hook names and their arguments."
+            "hooktrain/core/hookspecs.py for the hook names and their arguments."
         ) from error
     return manager
 

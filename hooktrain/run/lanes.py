@@ -12,13 +12,13 @@ import attrs
 import pluggy
 import torch
 
-from hooktrain.engine import checkpoints, distributed
-from hooktrain.engine.context import RunContext
-from hooktrain.engine.recipe import Recipe
-from hooktrain.engine.signals import StopRequest
-from hooktrain.engine.state import TrainState
-from hooktrain.engine.step import Batch, Evaluation, LaneStepFn, StepFn
+from hooktrain.config.recipe import Recipe
+from hooktrain.core.context import RunContext
+from hooktrain.core.state import TrainState
+from hooktrain.core.step import Batch, Evaluation, LaneStepFn, StepFn
 from hooktrain.errors import TrainingStopped
+from hooktrain.run import checkpoints, distributed
+from hooktrain.run.signals import StopRequest
 
 # Under torchrun, how often the processes agree whether a signal asked them to stop.
 STOP_AGREEMENT_STEPS = 5

@@ -29,14 +29,14 @@ from torch import Tensor
 from torchvision.datasets.folder import find_classes
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from hooktrain.engine.cache import (
+from hooktrain.data.cache import (
     CACHE_FORMAT,
     CacheDamaged,
     default_cache_dir,
     read_cache,
     write_cache,
 )
-from hooktrain.engine.data import CIFAR10_CLASSES, IMAGE_SIZE, ImageDataset, ImageSplit
+from hooktrain.data.device import CIFAR10_CLASSES, IMAGE_SIZE, ImageDataset, ImageSplit
 from hooktrain.errors import HooktrainError, short_reason, shown
 
 __all__ = ["load_folders", "read_regular_file", "short_reason", "shown"]

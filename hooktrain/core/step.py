@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from hooktrain.engine.optim import (
+from hooktrain.core.optim import (
     Optimizer,
     OptState,
     add_coupled_decay,
     apply_decoupled_decay,
     group_by_rate,
 )
-from hooktrain.engine.pieces import DecayRule, GradientTransform, LossFn, LRSchedule, Replicas
-from hooktrain.engine.state import TrainState
+from hooktrain.core.pieces import DecayRule, GradientTransform, LossFn, LRSchedule, Replicas
+from hooktrain.core.state import TrainState
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 NamedTensors = dict[str, torch.Tensor]

@@ -1,6 +1,6 @@
 """CIFAR-10 in memory: the dataset records, batched on-device augmentation and DeviceData.
 
-Reading CIFAR-10 from disk is :mod:`hooktrain.engine.sources`.
+Reading CIFAR-10 from disk is :mod:`hooktrain.data.sources`.
 """
 
 from __future__ import annotations

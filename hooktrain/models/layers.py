@@ -1,17 +1,11 @@
-"""Models, used by the engine only as shapes for ``torch.func.functional_call``."""
+"""Layers the built-in models share: conv-BN-ReLU blocks, residuals, scaling, seeded dropout."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from hooktrain.errors import HooktrainError
-
-if TYPE_CHECKING:
-    from hooktrain.engine.recipe import Recipe
 
 
 def conv_bn_relu(
@@ -120,72 +114,9 @@ class Residual(nn.Module):
         return x + self.block(x)
 
 
-def resnet9(
-    num_classes: int = 10,
-    width: int = 64,
-    dropout: float = 0.0,
-    conv_bias: bool = True,
-    logit_scale: float = 1.0,
-) -> nn.Sequential:
-    """The ResNet-9 of the seed notebook; ``width`` scales every layer (64 is the original).
-
-    conv 64, conv 128 + pool, residual(conv 128, conv 128), conv 256 + pool, conv 512 + pool,
-    residual(conv 512, conv 512), 4x4 max-pool, dropout, linear. Fast variants drop the conv
-    biases (``conv_bias=False``: batch norm cancels them, so their gradient is zero) and scale
-    the logits down (``logit_scale=0.125``), which keeps early training from overconfidence.
-    """
-    w = width
-
-    def block(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
-        return conv_bn_relu(c_in, c_out, pool=pool, bias=conv_bias)
-
-    head: list[nn.Module] = [
-        nn.AdaptiveMaxPool2d(1),
-        nn.Flatten(),
-        Dropout(dropout),
-        nn.Linear(8 * w, num_classes),
-    ]
-    if logit_scale != 1:
-        head.append(Scale(logit_scale))
-    return nn.Sequential(
-        block(3, w),
-        block(w, 2 * w, pool=True),
-        Residual(nn.Sequential(block(2 * w, 2 * w), block(2 * w, 2 * w))),
-        block(2 * w, 4 * w, pool=True),
-        block(4 * w, 8 * w, pool=True),
-        Residual(nn.Sequential(block(8 * w, 8 * w), block(8 * w, 8 * w))),
-        nn.Sequential(*head),
-    )
-
-
 def shard_randomness(model: nn.Module, shard: int, shards: int) -> None:
     """Make ``model``'s :class:`Dropout` layers draw the ``shard``-th of ``shards`` slices of
     the global batch's masks: what a data-parallel replica of a process among ``shards`` does."""
     for module in model.modules():
         if isinstance(module, Dropout):
             module.shard, module.shards = shard, shards
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {"resnet9": resnet9}
-
-
-def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
-    """The model a recipe names; ``options`` are the recipe's model fields (width, dropout,
-    conv_bias, logit_scale), which every model in :data:`MODELS` accepts."""
-    if name not in MODELS:
-        raise HooktrainError(
-            f"Unknown model {name!r}; set model to one of {', '.join(sorted(MODELS))}."
-        )
-    return MODELS[name](num_classes=num_classes, **options)
-
-
-def recipe_model(recipe: Recipe, num_classes: int) -> nn.Module:
-    """The model a recipe names, built with the recipe's model fields."""
-    return build_model(
-        recipe.model,
-        num_classes,
-        width=recipe.width,
-        dropout=recipe.dropout,
-        conv_bias=recipe.conv_bias,
-        logit_scale=recipe.logit_scale,
-    )

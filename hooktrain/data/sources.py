@@ -3,7 +3,7 @@
 The official batches are pickles, and unpickling runs whatever a pickle asks for and builds
 whatever it describes: the reader here walks a batch's opcodes before unpickling it, refusing
 objects nested too deep or containers reused, and then rebuilds only numpy arrays. Image
-folders are read by :mod:`hooktrain.engine.image_folders`.
+folders are read by :mod:`hooktrain.data.image_folders`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torchvision
 
-from hooktrain.engine.cache import xdg_cache_home
-from hooktrain.engine.data import CIFAR10_CLASSES, IMAGE_SIZE, ImageDataset, ImageSplit
-from hooktrain.engine.image_folders import load_folders, read_regular_file
+from hooktrain.data.cache import xdg_cache_home
+from hooktrain.data.device import CIFAR10_CLASSES, IMAGE_SIZE, ImageDataset, ImageSplit
+from hooktrain.data.image_folders import load_folders, read_regular_file
 from hooktrain.errors import HooktrainError, short_reason, shown
 
 __all__ = ["default_data_dir", "load_cifar10"]

@@ -22,7 +22,8 @@ from typing import Any
 
 import attrs
 
-from hooktrain.engine.files import (
+from hooktrain.errors import HooktrainError
+from hooktrain.run.files import (
     CHECKPOINT_FOLDER,
     CONFIG_FILE,
     METRICS_FILE,
@@ -30,7 +31,6 @@ from hooktrain.engine.files import (
     atomic_write,
     read_json,
 )
-from hooktrain.errors import HooktrainError
 
 LOCK_FILE = ".lock"
 CONFIG_SECTIONS = (("recipe", dict), ("plugins", list), ("run", dict))

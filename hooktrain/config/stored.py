@@ -11,10 +11,10 @@ from __future__ import annotations
 import types
 from typing import Any
 
-from hooktrain.engine.files import RECIPE_FILE_MODULE
-from hooktrain.engine.plugin import PLUGIN_GROUP, Plugin, class_path, plugin_classes
-from hooktrain.engine.recipe import Recipe, evolve_checked, field_names
+from hooktrain.config.recipe import Recipe, evolve_checked, field_names
+from hooktrain.core.plugin import PLUGIN_GROUP, Plugin, class_path, plugin_classes
 from hooktrain.errors import HooktrainError, shown
+from hooktrain.run.files import RECIPE_FILE_MODULE
 
 
 def _jsonable(value: Any) -> Any:

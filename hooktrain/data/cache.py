@@ -1,7 +1,7 @@
 """The decoded-image cache: tensors saved once per image folder, checksummed like checkpoints.
 
 A cache file is a ``torch.save`` archive written atomically with the SHA-256 of its bytes in
-its zip comment (see :mod:`hooktrain.engine.checkpoints`): a damaged file is found before
+its zip comment (see :mod:`hooktrain.run.checkpoints`): a damaged file is found before
 anything in it is unpickled, and loading uses ``weights_only=True``. The caller says what to do
 about a damaged file (decode the images again: a cache is disposable).
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from hooktrain.engine.checkpoints import archive_checksum, stored_checksum, write_checksummed
-from hooktrain.engine.files import atomic_write
+from hooktrain.run.checkpoints import archive_checksum, stored_checksum, write_checksummed
+from hooktrain.run.files import atomic_write
 
 __all__ = ["CACHE_FORMAT", "CacheDamaged", "default_cache_dir", "read_cache", "write_cache"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from hooktrain.engine.ablation import FORMAT, VERSION, Cell
+from hooktrain.ablation.spec import FORMAT, VERSION, Cell
 
 
 @attrs.frozen

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hooktrain.engine.files import CHECKPOINT_FOLDER, CONFIG_FILE, read_json, recipe_file_needed
-from hooktrain.engine.run_folder import is_run_config
 from hooktrain.errors import HooktrainError
+from hooktrain.run.files import CHECKPOINT_FOLDER, CONFIG_FILE, read_json, recipe_file_needed
+from hooktrain.run.folder import is_run_config
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -48,7 +48,7 @@ def data_dir_of(config: dict[str, Any], given: Path | None) -> Path | None:
 
 def recipe_module_for(recipe_file: Path | None, config: dict[str, Any]) -> types.ModuleType | None:
     """The module of the recipe file the user named, or a sentence asking for the one needed."""
-    from hooktrain.engine.recipe import load_recipe_module
+    from hooktrain.config.recipe import load_recipe_module
 
     if recipe_file is not None:
         if recipe_file.suffix != ".py":
@@ -82,11 +82,11 @@ def continue_run(
             "to resume: start a new one with `hooktrain run`."
         )
 
-    from hooktrain.engine.checkpoints import newest_usable_checkpoint
-    from hooktrain.engine.config import recipe_from_config
-    from hooktrain.engine.distributed import Topology
-    from hooktrain.engine.loop import train
-    from hooktrain.engine.saved import checkpoint_problem
+    from hooktrain.config.stored import recipe_from_config
+    from hooktrain.run.checkpoint_checks import checkpoint_problem
+    from hooktrain.run.checkpoints import newest_usable_checkpoint
+    from hooktrain.run.distributed import Topology
+    from hooktrain.run.loop import train
 
     recipe = recipe_from_config(config, recipe_module)
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import attrs
 
-from hooktrain.engine.ablation import (
+from hooktrain.ablation.results import AblationResult
+from hooktrain.ablation.spec import (
     ABLATION_FILE,
     CELLS_FOLDER,
     FORMAT,
@@ -23,11 +24,10 @@ from hooktrain.engine.ablation import (
     Cell,
     cell_recipe,
 )
-from hooktrain.engine.ablation_results import AblationResult
-from hooktrain.engine.files import atomic_write, read_json
-from hooktrain.engine.recipe import Recipe
-from hooktrain.engine.run_folder import claim_run_folder, hold_run_folder
+from hooktrain.config.recipe import Recipe
 from hooktrain.errors import HooktrainError
+from hooktrain.run.files import atomic_write, read_json
+from hooktrain.run.folder import claim_run_folder, hold_run_folder
 
 
 def _check_run_figures(figures: Any) -> None:
@@ -148,8 +148,8 @@ def _train_cells(
     echo: Callable[[str], None],
 ) -> None:
     """Train every cell's seeds that are not done yet, saving the results after each run."""
-    from hooktrain.engine.build import resolve_device
-    from hooktrain.engine.loop import train_seeds
+    from hooktrain.run.build import resolve_device
+    from hooktrain.run.loop import train_seeds
 
     toggles = ablation.toggles(recipe)
 

@@ -22,7 +22,7 @@ import torch
 from hooktrain.errors import HooktrainError
 
 if TYPE_CHECKING:
-    from hooktrain.engine.recipe import Recipe
+    from hooktrain.config.recipe import Recipe
 
 OptState = dict[str, Any]
 Tensors = list[torch.Tensor]

@@ -12,8 +12,30 @@ import attrs
 import torch
 from torch.utils._pytree import tree_leaves
 
-from hooktrain.engine import checkpoints, distributed
-from hooktrain.engine.build import (
+from hooktrain.config.recipe import Recipe
+from hooktrain.config.stored import recipe_to_config
+from hooktrain.core.context import BuildContext, EpochReport, RunContext
+from hooktrain.core.optim import recipe_optimizer
+from hooktrain.core.plugin import (
+    call_order,
+    make_plugin_manager,
+)
+from hooktrain.core.state import TrainState, capture_global_rng
+from hooktrain.core.step import (
+    Batch,
+    Evaluation,
+    LaneStepFn,
+    build_evaluate,
+    build_lane_evaluate,
+    build_lane_step,
+    build_step,
+)
+from hooktrain.data.device import DeviceData
+from hooktrain.data.sources import load_cifar10
+from hooktrain.errors import HooktrainError, short_reason
+from hooktrain.models import shard_randomness
+from hooktrain.run import checkpoints, distributed
+from hooktrain.run.build import (
     autocast_dtype_of,
     build_models,
     check_data_parallel,
@@ -27,12 +49,10 @@ from hooktrain.engine.build import (
     out_of_memory,
     resolve_device,
 )
-from hooktrain.engine.config import recipe_to_config
-from hooktrain.engine.context import BuildContext, EpochReport, RunContext
-from hooktrain.engine.data import DeviceData
-from hooktrain.engine.distributed import Topology
-from hooktrain.engine.environment import environment_info
-from hooktrain.engine.lanes import (
+from hooktrain.run.distributed import Topology
+from hooktrain.run.environment import environment_info
+from hooktrain.run.folder import hold_run_folders, mark_finished, write_config
+from hooktrain.run.lanes import (
     EpochProgress,
     Lane,
     as_lane_evaluate,
@@ -42,27 +62,7 @@ from hooktrain.engine.lanes import (
     prefixed,
     stop_lanes,
 )
-from hooktrain.engine.optim import recipe_optimizer
-from hooktrain.engine.plugin import (
-    call_order,
-    make_plugin_manager,
-)
-from hooktrain.engine.recipe import Recipe
-from hooktrain.engine.run_folder import hold_run_folders, mark_finished, write_config
-from hooktrain.engine.signals import stop_on_signals
-from hooktrain.engine.sources import load_cifar10
-from hooktrain.engine.state import TrainState, capture_global_rng
-from hooktrain.engine.step import (
-    Batch,
-    Evaluation,
-    LaneStepFn,
-    build_evaluate,
-    build_lane_evaluate,
-    build_lane_step,
-    build_step,
-)
-from hooktrain.errors import HooktrainError, short_reason
-from hooktrain.models import shard_randomness
+from hooktrain.run.signals import stop_on_signals
 
 
 def train(

@@ -17,7 +17,7 @@ import attrs
 import torch
 from torch import nn
 
-from hooktrain.engine.optim import Optimizer, OptState
+from hooktrain.core.optim import Optimizer, OptState
 
 
 def data_generator(seed: int) -> torch.Generator:

@@ -4,7 +4,7 @@
 place through environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Each process
 trains one replica of the model on its shard of every global batch; the ``data_parallel``
 plugin averages what the replicas compute inside the step (see
-:func:`hooktrain.engine.hookspecs.hooktrain_replicas`). This module holds only what torch does
+:func:`hooktrain.core.hookspecs.hooktrain_replicas`). This module holds only what torch does
 not: reading the environment, choosing the backend and the device, and checking that every
 process starts from the same state. Launching, rendezvous and restarts are torchrun's.
 """

@@ -14,7 +14,7 @@ take in one graph. Hooks marked *one claimant* may be answered by at most one pl
 answers are an error before training starts.
 
 **Events** run during training and let plugins *observe* it for side effects (logging,
-checkpoints). They receive the current :class:`~hooktrain.engine.state.TrainState` and must not
+checkpoints). They receive the current :class:`~hooktrain.core.state.TrainState` and must not
 change it. The engine's loop, with the events in the order they are emitted::
 
     build = BuildContext(recipe, param_shapes, steps_per_epoch, optimizer)
@@ -64,15 +64,15 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from hooktrain.engine.context import BuildContext, EpochReport, RunContext
-    from hooktrain.engine.pieces import (
+    from hooktrain.core.context import BuildContext, EpochReport, RunContext
+    from hooktrain.core.pieces import (
         DecayRule,
         GradientTransform,
         LossFn,
         LRSchedule,
         Replicas,
     )
-    from hooktrain.engine.state import TrainState
+    from hooktrain.core.state import TrainState
 
 PROJECT = "hooktrain"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -99,7 +99,7 @@ def hooktrain_lr_schedule(build: BuildContext) -> LRSchedule | None:
 def hooktrain_weight_decay(build: BuildContext) -> DecayRule | None:
     """Return which parameters decay and by how much. *One claimant.*
 
-    The :class:`~hooktrain.engine.pieces.DecayRule` maps each parameter *name* to a rate and says
+    The :class:`~hooktrain.core.pieces.DecayRule` maps each parameter *name* to a rate and says
     whether decay is coupled (added to the gradient after every gradient transform, as
     ``torch.optim.Adam(weight_decay=...)`` does) or decoupled (parameters shrink by
     ``lr * rate`` before the update, as ``torch.optim.AdamW`` does). Without a claimant nothing
@@ -131,7 +131,7 @@ def hooktrain_replicas(build: BuildContext) -> Replicas | None:
     """Return how data-parallel replicas stay in agreement inside the step. *One claimant.*
 
     Under torchrun every process trains a replica of the model on its shard of each global
-    batch. The :class:`~hooktrain.engine.pieces.Replicas` answer averages the replicas'
+    batch. The :class:`~hooktrain.core.pieces.Replicas` answer averages the replicas'
     gradients before every gradient transform runs (so clipping, guards and decay see the
     global batch's gradient), and their loss and buffers after it, and may swap the training
     model's layers (synchronised BatchNorm). The ``data_parallel`` plugin answers when there

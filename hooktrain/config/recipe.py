@@ -22,13 +22,13 @@ from typing import Any, Literal, get_args, get_origin
 
 import attrs
 
-from hooktrain.engine.files import RECIPE_FILE_MODULE
-from hooktrain.engine.plugin import (
+from hooktrain.core.plugin import (
     Plugin,
     import_object,
     make_plugin,
 )
 from hooktrain.errors import HooktrainError, shown
+from hooktrain.run.files import RECIPE_FILE_MODULE
 
 RECIPE_GROUP = "hooktrain.recipes"
 BUILTIN_RECIPES = {

@@ -20,8 +20,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from hooktrain.engine.files import atomic_write, fsync_folder
 from hooktrain.errors import HooktrainError
+from hooktrain.run.files import atomic_write, fsync_folder
 
 FORMAT = "hooktrain-checkpoint"
 VERSION = 2

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from hooktrain.engine.optim import recipe_optimizer
-from hooktrain.engine.plugin import Plugin
-from hooktrain.engine.recipe import Recipe
-from hooktrain.engine.state import TrainState
+from hooktrain.config.recipe import Recipe
+from hooktrain.core.optim import recipe_optimizer
+from hooktrain.core.plugin import Plugin
+from hooktrain.core.state import TrainState
 from hooktrain.models import recipe_model
 
 

@@ -15,24 +15,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hooktrain.engine.config import recipe_from_config
-from hooktrain.engine.context import BuildContext
-from hooktrain.engine.data import DeviceData, ImageDataset
-from hooktrain.engine.distributed import Topology
-from hooktrain.engine.plugin import (
+from hooktrain.config.recipe import Recipe
+from hooktrain.config.stored import recipe_from_config
+from hooktrain.core.context import BuildContext
+from hooktrain.core.plugin import (
     Plugin,
     call_order,
     contributions,
     make_plugin_manager,
     sole_contribution,
 )
-from hooktrain.engine.recipe import Recipe
-from hooktrain.engine.saved import checkpoint_problem
-from hooktrain.engine.sources import load_cifar10
-from hooktrain.engine.state import TrainState
-from hooktrain.engine.step import Evaluation, StepPieces, build_evaluate, constant_schedule
+from hooktrain.core.state import TrainState
+from hooktrain.core.step import Evaluation, StepPieces, build_evaluate, constant_schedule
+from hooktrain.data.device import DeviceData, ImageDataset
+from hooktrain.data.sources import load_cifar10
 from hooktrain.errors import HooktrainError, short_reason
 from hooktrain.models import recipe_model
+from hooktrain.run.checkpoint_checks import checkpoint_problem
+from hooktrain.run.distributed import Topology
 
 
 def resolve_device(name: str, topology: Topology | None = None) -> torch.device:

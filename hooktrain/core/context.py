@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from hooktrain.engine.files import resume_command
+from hooktrain.run.files import resume_command
 
 if TYPE_CHECKING:
-    from hooktrain.engine.data import DeviceData
-    from hooktrain.engine.optim import Optimizer
-    from hooktrain.engine.recipe import Recipe
-    from hooktrain.engine.state import TrainState
+    from hooktrain.config.recipe import Recipe
+    from hooktrain.core.optim import Optimizer
+    from hooktrain.core.state import TrainState
+    from hooktrain.data.device import DeviceData
 
 
 @attrs.frozen

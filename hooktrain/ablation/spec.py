@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 import attrs
 
-from hooktrain.engine.config import recipe_to_config
-from hooktrain.engine.plugin import plugin_classes
-from hooktrain.engine.recipe import Recipe, apply_overrides, field_names, parse_assignment
+from hooktrain.config.recipe import Recipe, apply_overrides, field_names, parse_assignment
+from hooktrain.config.stored import recipe_to_config
+from hooktrain.core.plugin import plugin_classes
 from hooktrain.errors import HooktrainError
 
 ABLATION_FILE = "ablation.json"

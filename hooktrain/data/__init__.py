@@ -1,0 +1,1 @@
+"""Data: sources on disk or in memory, device-resident batches and their augmentation."""

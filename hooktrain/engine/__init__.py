@@ -1,1 +1,0 @@
-"""The engine: state, the pure step, functional optimizers, data, the event loop, hookspecs."""

@@ -1,0 +1,1 @@
+"""Running a recipe: the build, the event loop, the run folder, checkpoints, resume, torchrun."""
