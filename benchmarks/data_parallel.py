@@ -24,7 +24,7 @@ CPU threads of one.
 
     python benchmarks/data_parallel.py --data-dir .data --nproc 1,2,4 --repeats 3  # 4 GPUs
     OMP_NUM_THREADS=1 python benchmarks/data_parallel.py --data-dir /tmp/tiny --device cpu \
-        --set width=8 --set epochs=3 --set batch_size=40
+        --set model.width=8 --set epochs=3 --set batch_size=40
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ from pathlib import Path
 
 import torch
 
-from hooktrain.config.recipe import Recipe, apply_overrides, load_recipe
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.recipe import Recipe
+from hooktrain.config.registry import load_recipe
 from hooktrain.errors import HooktrainError
 from hooktrain.plugins.metrics import METRICS_FILE
 from hooktrain.run.build import resolve_device

@@ -36,6 +36,7 @@ from hooktrain.core.optim import make_optimizer
 from hooktrain.core.plugin import make_plugin_manager
 from hooktrain.core.state import TrainState
 from hooktrain.core.step import build_step
+from hooktrain.core.task import Classification
 from hooktrain.models import resnet9
 from hooktrain.plugins.grad_clip import GradClip
 from hooktrain.plugins.metrics import Metrics
@@ -65,7 +66,9 @@ def hooktrain_arm(model: nn.Module, batches: Batches, compile: bool) -> Callable
     manager = make_plugin_manager(plugins)
     shapes = {name: p.shape for name, p in model.named_parameters()}
     build = BuildContext(recipe, shapes, len(batches), optimizer)
-    step = build_step(compose_pieces(manager, build, model, None), compile=compile)
+    step = build_step(
+        compose_pieces(manager, build, model, None, Classification()), compile=compile
+    )
     start = TrainState.create(model, optimizer, seed=0)
     step_end = manager.hook.hooktrain_step_end
 

@@ -3,7 +3,7 @@ checkpoint every N steps, the three arms alternating in one process.
 
     python benchmarks/guard_overhead.py --data-dir DATA --recipe resnet9_cifar10 --repeats 3
     python benchmarks/guard_overhead.py --data-dir .data --device cpu --repeats 2 \
-        --set width=8 --set epochs=1 --set train_limit=2000 --set batch_size=100
+        --set model.width=8 --set epochs=1 --set train_limit=2000 --set batch_size=100
 
 Each arm first trains once untimed (cuDNN autotuning, allocator, compilation). The figure is the
 median over repeats of the run's training and evaluation seconds (the epochs' wall times, as
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from hooktrain.config.recipe import Recipe, apply_overrides, load_recipe
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.recipe import Recipe
+from hooktrain.config.registry import load_recipe
 from hooktrain.plugins.metrics import METRICS_FILE
 from hooktrain.run.build import resolve_device
 from hooktrain.run.loop import train
@@ -45,9 +47,9 @@ def arms(base: Recipe, every_steps: int) -> dict[str, Recipe]:
 def seconds_of(recipe: Recipe, data_dir: Path | None, device: str) -> tuple[float, float]:
     """Train once in a scratch folder; (training + evaluation seconds, final test accuracy)."""
     with tempfile.TemporaryDirectory() as scratch:
-        report = train(recipe, out_dir=Path(scratch), data_dir=data_dir, device=device, echo=str)
+        trained = train(recipe, out_dir=Path(scratch), data_dir=data_dir, device=device, echo=str)
         metrics = json.loads((Path(scratch) / METRICS_FILE).read_text())
-    return metrics["wall_seconds"], report.test_accuracy
+    return metrics["wall_seconds"], trained.report["test_accuracy"]
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ alternate (together, one-by-one, together, ...) so drift of the machine hits bot
 arm's time covers whole runs (building, every epoch, evaluation), as a user waits for them.
 
     python benchmarks/parallel_seeds.py --data-dir .data --seeds 4 --repeats 3
-    python benchmarks/parallel_seeds.py --data-dir .data --set width=16 --set train_limit=5000
+    python benchmarks/parallel_seeds.py --data-dir .data --set model.width=16 --set train_limit=5000
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.registry import load_recipe
 from hooktrain.run.build import resolve_device
 from hooktrain.run.loop import train, train_seeds
 
@@ -40,13 +41,13 @@ def main() -> None:
         help="recipe overrides (default: width=16, 2 epochs, 5,000 images, batch 500)",
     )
     args = parser.parse_args()
-    defaults = ["width=16", "epochs=2", "train_limit=5000", "batch_size=500"]
+    defaults = ["model.width=16", "epochs=2", "train_limit=5000", "batch_size=500"]
     recipe = apply_overrides(load_recipe(args.recipe), [*defaults, *QUIET, *args.assignments])
     device = resolve_device(args.device)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     seeds = list(range(args.seeds))
     print(
-        f"{recipe.name} width {recipe.width}, {recipe.epochs} epochs of "
+        f"{recipe.name} width {recipe.model.args.get('width')}, {recipe.epochs} epochs of "
         f"{recipe.train_limit or 'all'} images in batches of {recipe.batch_size}, "
         f"{len(seeds)} seeds, on {hardware}"
         f" (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)"
@@ -56,7 +57,7 @@ def main() -> None:
         pass
 
     def together(folder: Path) -> list[float]:
-        reports = train_seeds(
+        trained = train_seeds(
             recipe,
             seeds,
             out_dirs=[folder / f"together-{s}" for s in seeds],
@@ -64,7 +65,7 @@ def main() -> None:
             device=args.device,
             echo=quiet,
         )
-        return [r.test_accuracy for r in reports]
+        return [t.report["test_accuracy"] for t in trained]
 
     def one_by_one(folder: Path) -> list[float]:
         return [
@@ -74,7 +75,7 @@ def main() -> None:
                 data_dir=args.data_dir,
                 device=args.device,
                 echo=quiet,
-            ).test_accuracy
+            ).report["test_accuracy"]
             for s in seeds
         ]
 

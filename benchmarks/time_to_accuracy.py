@@ -10,7 +10,7 @@ after each run, so a cut-off benchmark keeps what it finished.
     python benchmarks/time_to_accuracy.py --data-dir DATA --recipes resnet9_cifar10,resnet9_fast \
         --airbench-src airbench-0.1.8.tar.gz --seeds 3
     python benchmarks/time_to_accuracy.py --data-dir .data --device cpu --recipes resnet9_cifar10 \
-        --seeds 2 --set width=4 --set epochs=1 --set train_limit=500 \
+        --seeds 2 --set model.width=4 --set epochs=1 --set train_limit=500 \
         --set batch_size=50 --out /tmp/tta
 
 airbench94 (the PyPI package ``airbench``, 0.1.8) needs CUDA; without it it is skipped. It reads
@@ -39,8 +39,10 @@ from typing import Any
 
 import torch
 
-from hooktrain.config.recipe import Recipe, apply_overrides, load_recipe
-from hooktrain.data.device import ImageDataset
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.recipe import Recipe
+from hooktrain.config.registry import load_recipe
+from hooktrain.data.device import Splits
 from hooktrain.data.sources import load_cifar10
 from hooktrain.errors import HooktrainError
 from hooktrain.run.build import resolve_device
@@ -357,7 +359,7 @@ def _airbench_version(module: ModuleType) -> str:
         return "unknown"
 
 
-def _write_airbench_data(dataset: ImageDataset, folder: Path) -> str:
+def _write_airbench_data(dataset: Splits, folder: Path) -> str:
     """``train.pt``/``test.pt`` as airbench's CifarLoader reads them (and writes them from
     torchvision): a dict of uint8 NHWC ``images``, int64 ``labels`` and the ``classes`` list.
 
@@ -366,15 +368,15 @@ def _write_airbench_data(dataset: ImageDataset, folder: Path) -> str:
     one in the official order is written as it is. Returns what was done, for the results.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    train_labels = dataset.train.labels
+    train_labels = dataset.train.targets
     by_class = bool((train_labels[1:] >= train_labels[:-1]).all())
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(train_labels), generator=generator) if by_class else None
     splits = (("train.pt", dataset.train, order), ("test.pt", dataset.test, None))
     for name, split, index in splits:
         payload = {
-            "images": (split.images if index is None else split.images[index]).contiguous().clone(),
-            "labels": (split.labels if index is None else split.labels[index]).clone(),
+            "images": (split.inputs if index is None else split.inputs[index]).contiguous().clone(),
+            "labels": (split.targets if index is None else split.targets[index]).clone(),
             "classes": list(dataset.classes),
         }
         torch.save(payload, folder / name)

@@ -165,13 +165,14 @@ def run(
     data-parallel and the first writes the run folder; when torchrun restarts them after a
     failure (--max-restarts), they continue the run in --out from its last checkpoint.
     """
-    from hooktrain.config.recipe import apply_overrides, load_recipe_module
+    from hooktrain.config.overrides import apply_overrides
+    from hooktrain.config.registry import load_recipe_module
     from hooktrain.run.loop import train
 
     if seed is not None:
         assignments = (*assignments, f"seed={seed}")
     base, module = load_recipe_module(recipe_name)
-    recipe = apply_overrides(base, assignments, with_plugins, without_plugins)
+    recipe = apply_overrides(base, assignments, with_plugins, without_plugins, module)
     if out is not None and elastic_restart() and (out / CONFIG_FILE).is_file():
         _continue_run(out, data_dir, device, module if recipe.source else None)
         return
@@ -235,6 +236,7 @@ def _interruptible(run_dir: Path) -> Iterator[None]:
     help="Every combination (grid, the default) or each change alone against the baseline.",
 )
 @click.option("--seeds", type=int, help="Seeds per cell (default: as the recipe declares, else 3).")
+@click.option("--metric", help="The final figure to compare (default test_accuracy; test_mse ...).")
 @click.option(
     "--parallel-seeds",
     type=int,
@@ -259,6 +261,7 @@ def ablate(
     vary: tuple[str, ...],
     mode: str | None,
     seeds: int | None,
+    metric: str | None,
     parallel_seeds: int | None,
     assignments: tuple[str, ...],
     with_plugins: tuple[str, ...],
@@ -278,26 +281,20 @@ def ablate(
             "written by one process); run it in one process, or run each cell with "
             "`torchrun ... -m hooktrain run`."
         )
-    import attrs
-
     from hooktrain.ablation.runner import newest_ablation, run_ablation
-    from hooktrain.ablation.spec import ABLATION_FILE, Ablation, Factor
-    from hooktrain.config.recipe import load_recipe_module
+    from hooktrain.ablation.spec import ABLATION_FILE, chosen_ablation
+    from hooktrain.config.registry import load_recipe_module
 
     base, module = load_recipe_module(recipe_name)
-    factors = [Factor.parse(text) for text in vary]
-    declared = getattr(module, "ablation", None)
-    if factors:
-        ablation = Ablation(vary=factors)
-    elif isinstance(declared, Ablation):
-        ablation = declared
-    else:
-        raise HooktrainError(
-            f"Say what to vary, e.g. --vary grad_clip=on,off; the recipe {recipe_name!r} "
-            "declares no ablation of its own."
-        )
-    changes = {"mode": mode, "seeds": seeds, "parallel_seeds": parallel_seeds}
-    ablation = attrs.evolve(ablation, **{k: v for k, v in changes.items() if v is not None})
+    ablation = chosen_ablation(
+        recipe_name,
+        module,
+        vary,
+        mode=mode,
+        seeds=seeds,
+        metric=metric,
+        parallel_seeds=parallel_seeds,
+    )
     recipe = ablation.fixed_recipe(base, assignments, with_plugins, without_plugins)
     if out is None and resume:
         out = newest_ablation(recipe, ablation)
@@ -319,7 +316,7 @@ def ablate(
 @main.command(name="list")
 def list_() -> None:
     """List the recipes and plugins, the installed third-party ones too."""
-    from hooktrain.config.recipe import recipe_paths
+    from hooktrain.config.registry import BUILTINS, recipe_paths, registered
     from hooktrain.core.plugin import plugin_classes
 
     def first_line(obj: Any) -> str:
@@ -332,6 +329,11 @@ def list_() -> None:
     click.echo("plugins:")
     for name, cls in sorted(plugin_classes().items()):
         click.echo(f"  {name:<20} {first_line(cls)}")
+    for kind in BUILTINS:
+        click.echo(
+            f"{kind} (--set {kind}={'A,B' if kind == 'augment' else 'NAME'}): "
+            + ", ".join(sorted(registered(kind)))
+        )
 
 
 def _recipe_option(function: Any) -> Any:
@@ -382,16 +384,15 @@ def _continue_run(
 @_device_option("evaluate")
 @_recipe_option
 def eval_(checkpoint: Path, data_dir: Path | None, device: str, recipe_file: Path | None) -> None:
-    """Test accuracy of a CHECKPOINT on the test images."""
-    from hooktrain.run.build import evaluate_checkpoint
+    """The test metrics of a CHECKPOINT (accuracy and loss for classification)."""
+    from hooktrain.core.context import metric_text
     from hooktrain.run.checkpoints import load_checkpoint
+    from hooktrain.run.evaluation import evaluate_checkpoint
 
     payload = load_checkpoint(checkpoint)
     config = payload["config"] if isinstance(payload["config"], dict) else {}
     result = evaluate_checkpoint(
         payload, data_dir_of(config, data_dir), device, recipe_module_for(recipe_file, config)
     )
-    click.echo(
-        f"{checkpoint}: test accuracy {result.accuracy:.2%}, test loss {result.loss:.4f} "
-        f"({payload['recipe']}, epoch {payload['state']['epoch']})"
-    )
+    figures = ", ".join(metric_text(f"test_{name}", value) for name, value in result.items())
+    click.echo(f"{checkpoint}: {figures} ({payload['recipe']}, epoch {payload['state']['epoch']})")

@@ -42,7 +42,7 @@ from typing import Any
 
 RECIPE = "resnet9_cifar10"
 SETTINGS = (
-    "width=4",
+    "model.width=4",
     "epochs=2",
     "train_limit=400",
     "batch_size=20",

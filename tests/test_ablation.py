@@ -42,8 +42,10 @@ from hooktrain.ablation.spec import (
     split_values,
 )
 from hooktrain.cli import main
-from hooktrain.config.recipe import Recipe, apply_overrides, load_recipe
-from hooktrain.core.context import EpochReport
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.recipe import Recipe
+from hooktrain.config.registry import load_recipe
+from hooktrain.core.context import EpochReport, Trained
 from hooktrain.errors import HooktrainError
 from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER, LAST
 from hooktrain.plugins.grad_clip import GradClip
@@ -53,7 +55,7 @@ from hooktrain.run.checkpoints import load_checkpoint
 from hooktrain.run.files import CONFIG_FILE
 
 FLAGSHIP = "resnet9_cifar10"
-TINY = ["width=4", "batch_size=40", "eval_batch_size=100", "metrics.progress=false"]
+TINY = ["model.width=4", "batch_size=40", "eval_batch_size=100", "metrics.progress=false"]
 
 
 def sets(*assignments: str) -> list[str]:
@@ -94,16 +96,27 @@ def run_dir(out: Path, folder: str, seed: int) -> Path:
     return out / CELLS_FOLDER / folder / f"seed-{seed}"
 
 
-def fake_train_seeds(calls: list[dict[str, Any]]) -> Callable[..., list[EpochReport]]:
-    """A stand-in for the engine's train_seeds: records what it was asked, trains nothing."""
+def fake_train_seeds(calls: list[dict[str, Any]]) -> Callable[..., list[Trained]]:
+    """A stand-in for the engine's train_seeds: records what it was asked, trains nothing.
+
+    The runner reads only each run's report, so the fake has no state or model to give back.
+    """
 
     def train_seeds(
         recipe: Recipe, seeds: Sequence[int], *, out_dirs: Sequence[Path], **kwargs: Any
-    ) -> list[EpochReport]:
+    ) -> list[Trained]:
         calls.append({"recipe": recipe, "seeds": list(seeds), "out_dirs": list(out_dirs), **kwargs})
         return [
-            EpochReport(
-                epoch=1, step=6, train_loss=2.0, test_loss=2.0, test_accuracy=seed / 10, seconds=0
+            Trained(
+                report=EpochReport(
+                    epoch=1,
+                    step=6,
+                    train_loss=2.0,
+                    metrics={"test_loss": 2.0, "test_accuracy": seed / 10},
+                    seconds=0,
+                ),
+                state=None,  # type: ignore[arg-type]
+                model=None,  # type: ignore[arg-type]
             )
             for seed in seeds
         ]
@@ -226,7 +239,7 @@ def test_python_values_in_vary(flagship: Recipe) -> None:
     booleans read as on/off, so they switch plugins too."""
     ablation = Ablation(
         vary={
-            "flip": [True, False],
+            "tta_flip": [True, False],
             "max_lr": [0.01, 2e-3],
             "betas": [(0.9, 0.999), (0.8, 0.99)],
             "grad_clip": [True, False],
@@ -242,15 +255,15 @@ def test_python_values_in_vary(flagship: Recipe) -> None:
     cells = ablation.cells(flagship)
     assert [cell.name for cell in cells] == [
         "baseline",
-        "flip=off",
+        "tta_flip=off",
         "max_lr=0.002",
         "betas=0.8,0.99",
         "grad_clip=off",
     ]
     recipes = {cell.name: cell_recipe(flagship, cell, {"grad_clip"}) for cell in cells}
-    assert recipes["baseline"].flip is True
-    assert recipes["flip=off"].flip is False
-    assert recipes["flip=off"].max_lr == 0.01
+    assert recipes["baseline"].tta_flip is True
+    assert recipes["tta_flip=off"].tta_flip is False
+    assert recipes["tta_flip=off"].max_lr == 0.01
     assert recipes["grad_clip=off"].plugin("grad_clip") is None
     assert recipes["baseline"].plugin("grad_clip") is not None
     assert recipes["max_lr=0.002"].max_lr == pytest.approx(0.002)
@@ -287,7 +300,7 @@ def test_values_that_mean_the_same_are_refused(flagship: Recipe) -> None:
     ):
         Ablation(vary={"max_lr": ["0.1", "0.10"]}).cells(flagship)
     with pytest.raises(HooktrainError, match="the same settings"):
-        Ablation(vary={"flip": ["true", "on"]}).cells(flagship)
+        Ablation(vary={"tta_flip": ["true", "on"]}).cells(flagship)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +342,7 @@ def test_cell_recipe_switches_plugins_and_applies_settings(flagship: Recipe) -> 
     assert (clip.max, clip.mode) == (0.2, "value")
     assert recipe.plugin("weight_decay") is None
     assert recipe.max_lr == pytest.approx(0.004)
-    assert (recipe.width, recipe.epochs, recipe.batch_size) == (4, 1, 40)
+    assert (recipe.model.args["width"], recipe.epochs, recipe.batch_size) == (4, 1, 40)
     assert recipe.plugin("onecycle") == flagship.plugin("onecycle")
 
     clip_on = cell_recipe(without_clip, cells["grad_clip=on,grad_clip.max=0.05"], toggles)
@@ -351,7 +364,7 @@ def test_cell_recipe_switches_plugins_and_applies_settings(flagship: Recipe) -> 
 
 
 NO_ABLATION_RECIPE = """
-from hooktrain.config.recipe import load_recipe
+from hooktrain.config.registry import load_recipe
 
 recipe = load_recipe("resnet9_cifar10")
 """
@@ -849,7 +862,8 @@ DECLARED_RECIPE = """
 import attrs
 
 from hooktrain.ablation.spec import Ablation
-from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.registry import load_recipe
 
 recipe = attrs.evolve(
     apply_overrides(load_recipe("resnet9_cifar10"), TINY), name="tiny_declared"
@@ -881,5 +895,5 @@ def test_recipe_file_with_a_declared_ablation(tiny_cifar: Path, tmp_path: Path) 
         assert sorted(p.name for p in (out / CELLS_FOLDER / cell["folder"]).iterdir()) == ["seed-0"]
         config = read_json(run_dir(out, cell["folder"], 0) / "config.json")
         assert config["recipe"]["max_lr"] == float(cell["settings"]["max_lr"])
-        assert config["recipe"]["width"] == 4
+        assert config["recipe"]["model"]["args"]["width"] == 4
     assert (out / TABLE_FILE).read_text().startswith("# Ablation of tiny_declared\n")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import attrs
 import pytest
@@ -24,11 +25,10 @@ from click.testing import CliRunner, Result
 from conftest import assert_user_error
 
 from hooktrain.cli import main
-from hooktrain.config.recipe import (
-    Recipe,
-    apply_overrides,
-    load_recipe,
-)
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.recipe import Recipe
+from hooktrain.config.ref import Ref
+from hooktrain.config.registry import load_recipe
 from hooktrain.config.stored import recipe_from_config, recipe_to_config
 from hooktrain.core.plugin import BUILTIN_PLUGINS, import_object
 from hooktrain.errors import HooktrainError
@@ -52,7 +52,7 @@ PLUGIN_ORDER = (
 )
 TINY = [
     "--set",
-    "width=4",
+    "model.width=4",
     "--set",
     "epochs=1",
     "--set",
@@ -90,12 +90,13 @@ def override_error(recipe: Recipe, *assignments: str, **kwargs: Any) -> str:
 
 
 def test_numbers_are_typed(flagship: Recipe) -> None:
-    recipe = apply_overrides(flagship, ["epochs=3", "width=16", "max_lr=3e-3", "dropout=0.5"])
-    assert (recipe.epochs, recipe.width) == (3, 16)
-    assert type(recipe.epochs) is int
+    sets = ["epochs=3", "model.width=16", "max_lr=3e-3", "model.dropout=0.5"]
+    recipe = apply_overrides(flagship, sets)
+    assert (recipe.epochs, recipe.model.args["width"]) == (3, 16)
+    assert type(recipe.epochs) is int and type(recipe.model.args["width"]) is int
     assert recipe.max_lr == pytest.approx(0.003)
     assert type(recipe.max_lr) is float
-    assert recipe.dropout == 0.5
+    assert recipe.model.args["dropout"] == 0.5
 
 
 def test_later_assignment_wins(flagship: Recipe) -> None:
@@ -107,13 +108,14 @@ def test_later_assignment_wins(flagship: Recipe) -> None:
     [("true", True), ("false", False), ("on", True), ("off", False), ("1", True), ("0", False)],
 )
 def test_booleans(flagship: Recipe, text: str, value: bool) -> None:
-    recipe = apply_overrides(flagship, [f"flip={text}", f"nesterov={text}"])
-    assert recipe.flip is value
+    recipe = apply_overrides(flagship, [f"model.conv_bias={text}", f"nesterov={text}"])
+    assert recipe.model.args["conv_bias"] is value
     assert recipe.nesterov is value
 
 
 def test_boolean_rejects_other_words(flagship: Recipe) -> None:
-    assert "flip must be true or false, not 'maybe'" in override_error(flagship, "flip=maybe")
+    error = override_error(flagship, "model.conv_bias=maybe")
+    assert "model.conv_bias must be true or false, not 'maybe'" in error
 
 
 @pytest.mark.parametrize(("text", "value"), [("none", None), ("None", None), ("120", 120)])
@@ -124,7 +126,7 @@ def test_optional_int(flagship: Recipe, text: str, value: int | None) -> None:
 
 @pytest.mark.parametrize("text", ["abc", "4.5", ""])
 def test_int_rejects_non_integers(flagship: Recipe, text: str) -> None:
-    assert "width must be a number (int)" in override_error(flagship, f"width={text}")
+    assert "model.width must be a number (int)" in override_error(flagship, f"model.width={text}")
 
 
 def test_tuple_of_two_floats(flagship: Recipe) -> None:
@@ -304,7 +306,9 @@ def overridden_flagship() -> Recipe:
             "betas=0.8,0.9",
             "train_limit=120",
             "optimizer=sgd",
-            "flip=off",
+            "augment=crop,normalize",
+            "augment.crop.pad=2",
+            "model.width=16",
             "grad_clip.mode=norm",
             "grad_clip.max=2",
             "weight_decay.include=*.weight,*.bias",
@@ -403,14 +407,15 @@ def test_unknown_recipe_name_suggests() -> None:
 def test_recipe_from_a_python_file(tmp_path: Path) -> None:
     path = tmp_path / "my_recipe.py"
     path.write_text(
-        "from hooktrain.config.recipe import Recipe\n"
+        "from hooktrain import Recipe, Ref\n"
         "from hooktrain.plugins.grad_clip import GradClip\n"
         "\n"
-        'recipe = Recipe(name="mine", epochs=2, width=8, plugins=(GradClip(max=0.5),))\n'
+        'recipe = Recipe(name="mine", epochs=2, model=Ref("resnet9", width=8), '
+        "plugins=(GradClip(max=0.5),))\n"
     )
     recipe = load_recipe(str(path))
     assert isinstance(recipe, Recipe)
-    assert (recipe.name, recipe.epochs, recipe.width) == ("mine", 2, 8)
+    assert (recipe.name, recipe.epochs, recipe.model) == ("mine", 2, Ref("resnet9", width=8))
     clip = recipe.plugin("grad_clip")
     assert isinstance(clip, GradClip)
     assert clip.max == 0.5
@@ -571,16 +576,22 @@ def test_run_writes_config(finished_run: FinishedRun) -> None:
     config = json.loads((finished_run.folder / CONFIG_FILE).read_text())
     recipe = config["recipe"]
     assert recipe["name"] == FLAGSHIP
-    assert (recipe["width"], recipe["epochs"], recipe["batch_size"]) == (4, 1, 40)
+    assert recipe["model"] == {"factory": "resnet9", "label": "resnet9", "args": ANY}
+    assert (recipe["model"]["args"]["width"], recipe["epochs"], recipe["batch_size"]) == (4, 1, 40)
     assert recipe["eval_batch_size"] == 100
     assert recipe["seed"] == 3  # from --seed
-    assert recipe["dropout"] == 0.2  # from the recipe, not the Recipe default
+    assert recipe["model"]["args"]["dropout"] == 0.2  # from the recipe, not the Recipe default
     run = {
         "data_dir": str(finished_run.data_dir),
         "device": "cpu",
         "processes": 1,
         "recipe_file": None,
-        "num_classes": 10,
+        "model_facts": {
+            "num_classes": 10,
+            "num_outputs": 10,
+            "input_shape": [3, 32, 32],
+            "in_channels": 3,
+        },
         "steps_per_epoch": 6,
         "finished": True,
     }
@@ -834,7 +845,8 @@ def test_copied_checkpoint_keeps_its_content_when_the_source_is_rewritten(
 INTERRUPTING_RECIPE = """
 import attrs
 from hooktrain import Plugin, hookimpl
-from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.registry import load_recipe
 
 
 @attrs.define

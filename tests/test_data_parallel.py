@@ -26,7 +26,9 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from hooktrain.cli import main
-from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.registry import load_recipe
+from hooktrain.data.augment import Normalize, RandomCrop, RandomFlip
 from hooktrain.data.device import DeviceData
 from hooktrain.data.sources import load_cifar10
 from hooktrain.errors import HooktrainError
@@ -40,14 +42,22 @@ from hooktrain.run.distributed import Topology
 from hooktrain.run.loop import train
 
 # Small and quick: 240 images in batches of 40 (2 processes x 20), 6 steps an epoch.
-SMALL = ("--device", "cpu", "--set", "width=8", "--set", "batch_size=40")
+SMALL = ("--device", "cpu", "--set", "model.width=8", "--set", "batch_size=40")
 SYNC = ("--set", "data_parallel.sync_batchnorm=true")
 # For comparing numbers: SGD at a constant rate, without the conv biases BatchNorm cancels
 # (their gradients are rounding noise), over a few steps: ResNet-9's max-pools pass the
 # gradient to one of two values equal up to rounding, so two summation orders part ways after
 # some steps on any two set-ups (seen from step 4 on here, one process against two), while
 # the loss stays equal to the last digit.
-COMPARABLE = ("conv_bias=false", "optimizer=sgd", "max_lr=0.002", "dropout=0.2")
+COMPARABLE = ("model.conv_bias=false", "optimizer=sgd", "max_lr=0.002", "model.dropout=0.2")
+FACTS = {"num_classes": 10, "num_outputs": 10, "input_shape": [3, 32, 32], "in_channels": 3}
+# The flagship's augmentation: crop and flip draw per image, so a shard that took the wrong
+# rows of the epoch's draws would differ from its part of the whole batch.
+AUGMENT = (
+    RandomCrop(size=32, pad=4, mode="reflect"),
+    RandomFlip(),
+    Normalize((0.5,) * 3, (0.25,) * 3),
+)
 
 
 def torchrun(*args: object, processes: int = 2, restarts: int = 0) -> subprocess.Popen:
@@ -81,8 +91,8 @@ def assert_same_training(got: dict, expected: dict, tolerance: float = 1e-3) -> 
     the move (a wrong average, unsynchronised statistics or other dropout masks are off by
     tens of percent); BatchNorm's statistics within ``tolerance`` of their size."""
     assert got["step"] == expected["step"]
-    recipe = apply_overrides(load_recipe("resnet9_cifar10"), ["width=8", *COMPARABLE])
-    initial, _ = build_models(recipe, 10, torch.device("cpu"))
+    recipe = apply_overrides(load_recipe("resnet9_cifar10"), ["model.width=8", *COMPARABLE])
+    initial, _ = build_models(recipe, FACTS, torch.device("cpu"))
     for name, start in initial.named_parameters():
         moved, want = got["params"][name] - start, expected["params"][name] - start
         error = ((moved - want).norm() / want.norm()).item()
@@ -196,7 +206,7 @@ def test_processes_hold_one_state_with_per_process_batchnorm(
 def test_a_run_resumes_with_another_number_of_processes(tiny_cifar: Path, tmp_path: Path) -> None:
     """One process trains epoch 1 of 2, two processes resume it: the end matches one process
     running both epochs."""
-    settings = ["width=8", "batch_size=40", "epochs=2", "train_limit=80", *COMPARABLE]
+    settings = ["model.width=8", "batch_size=40", "epochs=2", "train_limit=80", *COMPARABLE]
     recipe = apply_overrides(
         load_recipe("resnet9_cifar10"),
         [*settings, "data_parallel.sync_batchnorm=true"],
@@ -398,7 +408,7 @@ def test_buckets_keep_order_dtype_and_size() -> None:
 
 def test_shards_of_a_batch_are_the_batch(tiny_cifar: Path) -> None:
     dataset = load_cifar10(tiny_cifar)
-    options = {"batch_size": 40, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    options = {"batch_size": 40, "augment": AUGMENT}
     whole = DeviceData(dataset, torch.device("cpu"), **options)
     halves = [
         DeviceData(dataset, torch.device("cpu"), **options, shard=r, shards=2) for r in (0, 1)
@@ -414,7 +424,7 @@ def test_shards_of_a_batch_are_the_batch(tiny_cifar: Path) -> None:
 def test_a_batch_that_does_not_split_is_refused(tiny_cifar: Path) -> None:
     with pytest.raises(HooktrainError, match=r"does not split evenly over 3 processes.*=42 or 39"):
         DeviceData(load_cifar10(tiny_cifar), torch.device("cpu"), batch_size=40,
-                   mean=(0.5,) * 3, std=(0.25,) * 3, shards=3)  # fmt: skip
+                   augment=AUGMENT, shards=3)  # fmt: skip
 
 
 def test_sharded_dropout_draws_the_global_mask() -> None:

@@ -14,23 +14,25 @@ from click.testing import CliRunner
 from torch import nn
 
 from hooktrain.cli import main
-from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.registry import load_recipe
+from hooktrain.core.evaluate import build_evaluate
 from hooktrain.core.state import TrainState
-from hooktrain.core.step import build_evaluate
+from hooktrain.core.task import Classification
 from hooktrain.errors import HooktrainError
 from hooktrain.models import resnet9
 from hooktrain.plugins.ema import EMA
 from hooktrain.plugins.label_smoothing import LabelSmoothing
-from hooktrain.run.build import evaluate_checkpoint
 from hooktrain.run.checkpoints import load_checkpoint
+from hooktrain.run.evaluation import evaluate_checkpoint
 from hooktrain.run.loop import train
 
-TINY = ["width=4", "batch_size=40", "eval_batch_size=100", "compile=false"]
+TINY = ["model.width=4", "batch_size=40", "eval_batch_size=100", "compile=false"]
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]
 
 
 def test_bias_free_convs_and_scaled_logits() -> None:
-    """conv_bias=False leaves no conv biases (BatchNorm's shift replaces them); logit_scale
+    """model.conv_bias=False leaves no conv biases (BatchNorm's shift replaces them); logit_scale
     multiplies the logits and nothing else."""
     torch.manual_seed(0)
     plain = resnet9(10, width=4, conv_bias=False)
@@ -72,11 +74,13 @@ def test_flip_test_time_augmentation_averages_the_mirror_logits() -> None:
         logits = (model(x) + model(x.flip(-1))) / 2
     expected_loss = F.cross_entropy(logits, y).item()
     expected_accuracy = (logits.argmax(1) == y).float().mean().item()
-    result = build_evaluate(model, None, tta_flip=True)(state, [(x[:8], y[:8]), (x[8:], y[8:])])
-    assert result.loss == pytest.approx(expected_loss, rel=1e-5)
-    assert result.accuracy == pytest.approx(expected_accuracy)
-    plain = build_evaluate(model, None)(state, [(x, y)])
-    assert plain.loss != pytest.approx(expected_loss, rel=1e-5)
+    task = Classification()
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    result = build_evaluate(model, task, None, tta_flip=True)(state, batches)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert result["accuracy"] == pytest.approx(expected_accuracy)
+    plain = build_evaluate(model, task, None)(state, [(x, y)])
+    assert plain["loss"] != pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_ema_averages_the_weights_it_sees() -> None:
@@ -108,10 +112,10 @@ def test_ema_is_what_is_evaluated_and_resumes_exactly(tiny_cifar: Path, tmp_path
         with_plugins=["ema"],
     )
     options = {"data_dir": tiny_cifar, "device": "cpu", "echo": lambda _: None}
-    straight = train(recipe, out_dir=tmp_path / "straight", **options)
+    straight = train(recipe, out_dir=tmp_path / "straight", **options).report
     train(recipe, out_dir=tmp_path / "split", stop_after_epoch=1, **options)
     payload = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
-    resumed = train(recipe, out_dir=tmp_path / "split", resume=payload, **options)
+    resumed = train(recipe, out_dir=tmp_path / "split", resume=payload, **options).report
     # Equal in every figure but the wall time.
     assert resumed == attrs.evolve(straight, seconds=resumed.seconds)
 
@@ -129,8 +133,8 @@ def test_ema_is_what_is_evaluated_and_resumes_exactly(tiny_cifar: Path, tmp_path
     with_average = copy.deepcopy(without_ema)
     with_average["state"]["params"] = average
     averaged = evaluate_checkpoint(with_average, tiny_cifar, "cpu")
-    assert straight.test_loss == pytest.approx(averaged.loss, rel=1e-6)
-    assert straight.test_loss != pytest.approx(raw.loss, rel=1e-6)
+    assert straight["test_loss"] == pytest.approx(averaged["loss"], rel=1e-6)
+    assert straight["test_loss"] != pytest.approx(raw["loss"], rel=1e-6)
     assert evaluate_checkpoint(final, tiny_cifar, "cpu") == averaged
 
 
@@ -143,7 +147,8 @@ def test_fast_recipe_trains_through_the_cli(tiny_cifar: Path, tmp_path: Path) ->
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
-    assert config["recipe"]["optimizer"] == "sgd" and config["recipe"]["conv_bias"] is False
+    assert config["recipe"]["optimizer"] == "sgd"
+    assert config["recipe"]["model"]["args"]["conv_bias"] is False
     assert [p["name"] for p in config["plugins"]] == [
         "data_parallel",
         "nan_guard",

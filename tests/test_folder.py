@@ -27,7 +27,7 @@ from hooktrain.run.folder import LOCK_FILE, hold_run_folder, not_a_run
 
 FLAGSHIP = "resnet9_cifar10"
 TINY = [
-    *("--set", "width=4", "--set", "epochs=1", "--set", "batch_size=40"),
+    *("--set", "model.width=4", "--set", "epochs=1", "--set", "batch_size=40"),
     *("--set", "checkpoint.every_steps=2", "--set", "metrics.progress=false"),
     *("--device", "cpu"),
 ]
@@ -200,11 +200,12 @@ def test_holding_nests_in_one_process_and_refuses_other_processes(
 def test_seeds_trained_together_hold_every_folder(
     holder: tuple[subprocess.Popen[str], Path], tmp_path: Path, tiny_cifar: Path
 ) -> None:
-    from hooktrain.config.recipe import apply_overrides, load_recipe
+    from hooktrain.config.overrides import apply_overrides
+    from hooktrain.config.registry import load_recipe
     from hooktrain.run.loop import train_seeds
 
     process, held = holder
-    recipe = apply_overrides(load_recipe(FLAGSHIP), ["width=4", "epochs=1", "batch_size=40"])
+    recipe = apply_overrides(load_recipe(FLAGSHIP), ["model.width=4", "epochs=1", "batch_size=40"])
     free = tmp_path / "free"
     with pytest.raises(HooktrainError) as refused:
         train_seeds(recipe, [0, 1], out_dirs=[free, held], data_dir=tiny_cifar, device="cpu")

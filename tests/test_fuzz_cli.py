@@ -37,9 +37,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from hooktrain.cli import main
-from hooktrain.config.recipe import SEED_LIMIT, Recipe, apply_overrides, field_names, load_recipe
+from hooktrain.config.overrides import apply_overrides, settings_of
+from hooktrain.config.recipe import SEED_LIMIT, Recipe, field_names
+from hooktrain.config.registry import load_recipe, resolve
 from hooktrain.core.plugin import plugin_classes
-from hooktrain.data.device import CIFAR10_CLASSES, crop_flip
+from hooktrain.data.augment import RandomCrop
+from hooktrain.data.device import CIFAR10_CLASSES
 from hooktrain.data.sources import load_cifar10
 from hooktrain.errors import HooktrainError
 
@@ -47,7 +50,7 @@ FLAGSHIP = "resnet9_cifar10"
 # 20 of the images in batches of 5: 4 steps, the fewest the one-cycle schedule accepts, so an
 # intact folder really trains with these (test_tiny_settings_train_on_the_intact_data checks).
 TINY = {
-    "width": "4",
+    "model.width": "4",
     "epochs": "1",
     "train_limit": "20",
     "batch_size": "5",
@@ -230,11 +233,13 @@ BOOLEAN = st.sampled_from(
 )
 COUNT = whole(1, 10**9)
 VALID_RECIPE: dict[str, Valid] = {
-    "model": choice("resnet9"),
-    "width": COUNT,
-    "dropout": real(0, 1),
-    "conv_bias": BOOLEAN,
-    "logit_scale": real(0, 1e9, above=True),
+    "model": choice("resnet9"),  # a new reference: its arguments go back to the defaults
+    "data": choice("cifar10"),
+    # Chains of the flagship's pieces that keep crop and normalize (and so their settings).
+    "augment": choice("crop,flip,normalize", "crop,normalize").map(
+        lambda pair: (pair[0], tuple(pair[1].split(",")))
+    ),
+    "task": choice("classification"),
     "tta_flip": BOOLEAN,
     "epochs": COUNT,
     "batch_size": COUNT,
@@ -244,12 +249,8 @@ VALID_RECIPE: dict[str, Valid] = {
     "eps": real(0, 1e9, above=True),
     "momentum": real(0, 1),
     "nesterov": BOOLEAN,
-    "pad": whole(0, 10**9),
-    "pad_mode": choice("reflect", "zeros"),
-    "flip": BOOLEAN,
-    "mean": several(real(-1e9, 1e9), 3),
-    "std": several(real(0, 1e9, above=True), 3),
     "train_limit": st.one_of(st.just(("none", None)), COUNT),
+    "val_split": real(0, 1),
     "eval_batch_size": COUNT,
     "precision": choice("auto", "fp32", "bf16"),
     "memory_format": choice("auto", "contiguous", "channels_last"),
@@ -258,6 +259,19 @@ VALID_RECIPE: dict[str, Valid] = {
     "seed": whole(-SEED_LIMIT, SEED_LIMIT),
 }
 POSITIVE = real(0, 1e9, above=True)
+# Arguments of the flagship's references (model, augmentation pieces): --set model.width=...
+VALID_ARGS: dict[str, Valid] = {
+    "model.width": COUNT,
+    "model.dropout": real(0, 1),
+    "model.conv_bias": BOOLEAN,
+    "model.logit_scale": POSITIVE,
+    "augment.crop.size": st.one_of(st.just(("none", None)), COUNT),
+    "augment.crop.pad": whole(0, 10**9),
+    "augment.crop.mode": choice("reflect", "zeros"),
+    "augment.normalize.mean": several(real(-1e9, 1e9), 3),
+    "augment.normalize.std": several(POSITIVE, 3),
+    "task.top_k": COUNT,
+}
 VALID_PLUGIN: dict[str, Valid] = {
     "onecycle.pct_start": real(0, 1, above=True),
     "onecycle.div_factor": POSITIVE,
@@ -273,6 +287,7 @@ VALID_PLUGIN: dict[str, Valid] = {
     "label_smoothing.smoothing": real(0, 1),
     "checkpoint.every": COUNT,
     "checkpoint.every_steps": whole(0, 10**9),
+    "checkpoint.best_by": choice("auto", "test_accuracy", "test_loss", "test_top5"),
     "ema.decay": real(0, 1),
     "ema.every": COUNT,
     "nan_guard.check_every": COUNT,
@@ -293,7 +308,7 @@ def assignment_of(table: dict[str, Valid]) -> st.SearchStrategy[tuple[str, str, 
     )
 
 
-valid_assignments = assignment_of(VALID_RECIPE).map(lambda kv: f"{kv[0]}={kv[1]}")
+valid_assignments = assignment_of({**VALID_RECIPE, **VALID_ARGS}).map(lambda kv: f"{kv[0]}={kv[1]}")
 valid_plugin_assignments = assignment_of(
     {k: v for k, v in VALID_PLUGIN.items() if k.partition(".")[0] not in EXTRA_PLUGINS}
 ).map(lambda kv: f"{kv[0]}={kv[1]}")
@@ -306,6 +321,9 @@ INVALID_BY_KIND = {
     "positive": [*NOT_A_NUMBER, "0", "-0.0", "-1e-9"],
     "boolean": ["", "maybe", "2", "truee", "none", "-1"],
     "choice": ["", "rmsprop", "ADAM", "none", "cos,linear", "0"],
+    # A reference's argument is checked against its type here and against its range when the
+    # run builds the model or piece: only what is no number at all is refused up front.
+    "argument": ["", "x", "nan", "NaN", "0x10", "1,2", "true", "🙂"],
 }
 INVALID_KEYS = {
     "epoch": "epochs",
@@ -315,25 +333,54 @@ INVALID_KEYS = {
     "onecycle.pct": "onecycle.pct_start",
 }
 KIND_OF = {
-    "count": ["width", "epochs", "batch_size", "eval_batch_size", "checkpoint.every",
+    "count": ["epochs", "batch_size", "eval_batch_size", "checkpoint.every",
               "nan_guard.check_every", "metrics.log_every", "ema.every"],
-    "unit": ["dropout", "momentum", "label_smoothing.smoothing", "ema.decay"],
-    "positive": ["logit_scale", "max_lr", "eps", "grad_clip.max", "onecycle.div_factor"],
-    "boolean": ["conv_bias", "tta_flip", "nesterov", "flip", "compile",
+    "unit": ["val_split", "momentum", "label_smoothing.smoothing", "ema.decay"],
+    "positive": ["max_lr", "eps", "grad_clip.max", "onecycle.div_factor"],
+    "boolean": ["model.conv_bias", "tta_flip", "nesterov", "compile",
                 "metrics.progress", "onecycle.three_phase"],
-    "choice": ["optimizer", "pad_mode", "precision", "memory_format", "grad_clip.mode"],
+    "choice": ["optimizer", "augment.crop.mode", "precision", "memory_format", "grad_clip.mode"],
+    "argument": ["model.width", "model.dropout", "model.logit_scale", "augment.crop.pad"],
 }  # fmt: skip
 invalid_assignments = st.sampled_from(sorted(KIND_OF)).flatmap(
     lambda kind: st.tuples(st.sampled_from(KIND_OF[kind]), st.sampled_from(INVALID_BY_KIND[kind]))
 )
 
 
+REFERENCES = ("model", "data", "task")
+
+
 def setting_of(recipe: Recipe, key: str) -> Any:
-    """The value of a recipe field or of a plugin's setting (``plugin.field``)."""
+    """The value of a recipe field, a reference's argument (``model.width``,
+    ``augment.crop.pad``) or a plugin's setting (``plugin.field``); a reference by its label."""
+    if key in REFERENCES:
+        return getattr(recipe, key).label
+    if key == "augment":
+        return tuple(piece.label for piece in recipe.augment)
+    head, _, rest = key.partition(".")
+    if head in REFERENCES:
+        return getattr(recipe, head).args[rest]
+    if head == "augment":
+        label, _, argument = rest.partition(".")
+        piece = recipe.piece(label)
+        assert piece is not None, key
+        return piece.args[argument]
     name, _, field = key.rpartition(".")
     owner = recipe.plugin(name) if name else recipe
     assert owner is not None, key
     return getattr(owner, field)
+
+
+def final_settings(chosen: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:
+    """What each key ends as: a later --set of a key wins, and a new reference
+    (``model=resnet9``) drops the arguments set before it."""
+    final: dict[str, Any] = {}
+    for key, _, value in chosen:
+        if key in REFERENCES:
+            final = {k: v for k, v in final.items() if not k.startswith(f"{key}.")}
+        final.pop(key, None)
+        final[key] = value
+    return final
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,23 +391,40 @@ def test_the_tables_cover_every_setting() -> None:
     """A new field or plugin setting must get its valid values written down here."""
     assert sorted(VALID_RECIPE) == sorted(RECIPE_FIELDS)
     assert sorted(VALID_PLUGIN) == PLUGIN_SETTINGS
+    recipe = load_recipe(FLAGSHIP)
+    arguments = [
+        *(
+            f"{field}.{name}"
+            for field in REFERENCES
+            for name in settings_of(resolve(field, getattr(recipe, field).factory))
+        ),
+        *(
+            f"augment.{piece.label}.{name}"
+            for piece in recipe.augment
+            for name in settings_of(resolve("augment", piece.factory))
+        ),
+    ]
+    assert sorted(VALID_ARGS) == sorted(arguments)
 
 
 @settings(FUZZ, max_examples=400)
-@given(chosen=st.lists(st.one_of(assignment_of(VALID_RECIPE), assignment_of(VALID_PLUGIN))))
+@given(
+    chosen=st.lists(
+        st.one_of(assignment_of({**VALID_RECIPE, **VALID_ARGS}), assignment_of(VALID_PLUGIN))
+    )
+)
 def test_valid_settings_are_accepted_as_their_values(chosen: list[tuple[str, str, Any]]) -> None:
     TRIED["test_valid_settings_are_accepted_as_their_values"] += 1
     recipe = apply_overrides(
         load_recipe(FLAGSHIP), [f"{k}={text}" for k, text, _ in chosen], with_plugins=EXTRA_PLUGINS
     )
-    final = {key: value for key, _, value in chosen}  # a later --set of a key wins
-    for key, value in final.items():
+    for key, value in final_settings(chosen).items():
         assert setting_of(recipe, key) == value, key
 
 
 @settings(FUZZ, max_examples=300)
 @given(
-    before=st.lists(assignment_of(VALID_RECIPE), max_size=2),
+    before=st.lists(assignment_of({**VALID_RECIPE, **VALID_ARGS}), max_size=2),
     bad=st.one_of(
         invalid_assignments,
         st.tuples(st.sampled_from(sorted(INVALID_KEYS)), st.sampled_from(["1", "0.1", "x"])),
@@ -704,14 +768,38 @@ def test_broken_batch_files(
 # the size of the run; rates, scales and pads stay where 4 steps cannot diverge or outgrow the
 # 32-pixel images. Compiling would take a minute.
 TRAINABLE: dict[str, Valid] = {
-    **{k: v for k, v in VALID_RECIPE.items() if k not in {*TINY, "eval_batch_size", "compile"}},
-    "logit_scale": real(0.01, 10),
+    **{
+        k: v
+        for k, v in {**VALID_RECIPE, **VALID_ARGS}.items()
+        if k not in {*TINY, "eval_batch_size", "compile"}
+    },
+    "model.logit_scale": real(0.01, 10),
     "max_lr": real(1e-6, 0.1),
     "eps": real(1e-12, 1),
-    "pad": whole(0, 8),
-    "mean": several(real(-1, 1), 3),
-    "std": several(real(0.1, 10), 3),
+    # None or 3 to 9 of the 30 training images held out: 20 are still there to train on.
+    "val_split": st.sampled_from([("0", 0.0), ("0.1", 0.1), ("0.2", 0.2), ("0.3", 0.3)]),
+    "augment.crop.size": st.sampled_from([("none", None), ("32", 32)]),
+    "augment.crop.pad": whole(0, 8),
+    "augment.normalize.mean": several(real(-1, 1), 3),
+    "augment.normalize.std": several(real(0.1, 10), 3),
+    "task.top_k": whole(1, 10),
 }
+
+
+def saved_setting(saved: dict[str, Any], key: str) -> Any:
+    """A setting as config.json holds it: references as {factory, label, args}, in lists."""
+    if key in REFERENCES:
+        return saved[key]["label"]
+    if key == "augment":
+        return [piece["label"] for piece in saved["augment"]]
+    head, _, rest = key.partition(".")
+    if head in REFERENCES:
+        return saved[head]["args"][rest]
+    if head == "augment":
+        label, _, argument = rest.partition(".")
+        piece = next(piece for piece in saved["augment"] if piece["label"] == label)
+        return piece["args"][argument]
+    return saved[key]
 
 
 # Each example trains for up to a second: a failure is reported unshrunk, its command line noted.
@@ -726,8 +814,10 @@ def test_valid_settings_train_on_real_data(
     assert result.exit_code == 0, result.output
     assert "final test accuracy" in result.output
     saved = json.loads((out / "config.json").read_text())["recipe"]
-    for key, value in {key: value for key, _, value in chosen}.items():
-        assert saved[key] == (list(value) if isinstance(value, tuple) else value), key
+    for key, value in final_settings(chosen).items():
+        assert saved_setting(saved, key) == (list(value) if isinstance(value, tuple) else value), (
+            key
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,11 +971,9 @@ def test_batch_file_asking_for_absurd_memory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("pad", [32, 1000, 2**62])
 def test_zero_padding_as_wide_as_the_image_is_refused(pad: int) -> None:
-    images = torch.zeros((1, 32, 32, 3), dtype=torch.uint8)
-    zero, no = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.bool)
     with pytest.raises(HooktrainError, match=f"Padding of {pad} pixels .* use a pad below 32"):
-        crop_flip(images, zero, zero, no, pad, "zeros")
-    assert crop_flip(images, zero, zero, no, 31, "zeros").shape == images.shape
+        RandomCrop(pad=pad, mode="zeros").output_shape((32, 32, 3))
+    assert RandomCrop(pad=31, mode="zeros").output_shape((32, 32, 3)) == (32, 32, 3)
 
 
 def test_missing_data_folder_with_a_line_break_is_quoted(tmp_path: Path) -> None:

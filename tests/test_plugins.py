@@ -576,7 +576,12 @@ def test_plugin_names_and_settings() -> None:
         "exclude": (),
     }
     # fields outside the constructor are state, not settings
-    assert Checkpoint().settings() == {"name": "checkpoint", "every": 1, "every_steps": 0}
+    assert Checkpoint().settings() == {
+        "name": "checkpoint",
+        "every": 1,
+        "every_steps": 0,
+        "best_by": "auto",
+    }
     assert set(Metrics().settings()) == {"name", "log_every", "tensorboard", "progress"}
 
     manager = make_plugin_manager([GradClip(), clip])

@@ -38,7 +38,7 @@ from hooktrain.run.files import CONFIG_FILE, METRICS_FILE, TENSORBOARD_FOLDER
 
 FLAGSHIP = "resnet9_cifar10"
 TINY = [
-    *("--set", "width=4", "--set", "epochs=2", "--set", "batch_size=40"),
+    *("--set", "model.width=4", "--set", "epochs=2", "--set", "batch_size=40"),
     *("--set", "checkpoint.every_steps=2", "--set", "metrics.progress=false"),
     *("--device", "cpu"),
 ]
@@ -343,7 +343,7 @@ NAN_RECIPE = """
 import attrs
 import torch
 from hooktrain import Plugin, hookimpl
-from hooktrain.config.recipe import load_recipe
+from hooktrain.config.registry import load_recipe
 
 
 @attrs.define
@@ -429,14 +429,14 @@ import sys
 import time
 from hooktrain.run import checkpoints
 from hooktrain.data import device as data
-from hooktrain.run import loop
+from hooktrain.data import sources
 
 batch_seconds = float(os.environ.get("SLOW_BATCH", "0.3"))
 step_4_seconds = float(os.environ.get("SLOW_STEP_4", batch_seconds))
 slow_save = int(os.environ.get("SLOW_SAVE", "0"))
 real_train_batch = data.DeviceData.train_batch
 real_write = checkpoints._HashingWriter.write
-real_load = loop.load_cifar10
+real_load = sources.load_cifar10
 real_signal = signal.signal
 saves = []
 
@@ -474,7 +474,7 @@ def announcing_signal(number, handler):
 data.DeviceData.train_batch = slow_train_batch
 checkpoints._HashingWriter.write = slow_write
 if os.environ.get("SLOW_DATA"):
-    loop.load_cifar10 = slow_load
+    sources.load_cifar10 = slow_load
 signal.signal = announcing_signal
 from hooktrain.cli import main
 main(sys.argv[1:])

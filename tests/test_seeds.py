@@ -5,30 +5,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
 from torch.func import functional_call, vmap
 
-from hooktrain import models
+from hooktrain import Ref
 from hooktrain.cli import main
-from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.registry import load_recipe
 from hooktrain.core.context import BuildContext
 from hooktrain.core.optim import adam, sgd
 from hooktrain.core.state import TrainState
 from hooktrain.core.step import StepPieces, build_lane_step, build_step
 from hooktrain.errors import HooktrainError
-from hooktrain.models import Dropout, build_model, hashed_uniform, resnet9
+from hooktrain.models import Dropout, hashed_uniform, resnet9
 from hooktrain.plugins.grad_clip import clip_by_norm, clip_by_value
 from hooktrain.plugins.onecycle import onecycle_schedule
 from hooktrain.plugins.weight_decay import WeightDecay
+from hooktrain.run.build import recipe_model
 from hooktrain.run.checkpoints import load_checkpoint
 from hooktrain.run.loop import train, train_seeds
 
 # Two steps per epoch on 80 of the tiny set's images.
-TINY = ["width=4", "batch_size=40", "train_limit=80", "eval_batch_size=100"]
+TINY = ["model.width=4", "batch_size=40", "train_limit=80", "eval_batch_size=100"]
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]
+FACTS = {"num_classes": 10, "num_outputs": 10, "input_shape": [3, 32, 32], "in_channels": 3}
 
 
 def flagship(*settings: str) -> object:
@@ -168,7 +172,7 @@ def test_seeds_together_in_float32_stay_within_rounding_of_alone(
     pairs = _train_together_and_alone(tiny_cifar, tmp_path, seeds)
     for seed, (kept, reference) in zip(seeds, pairs, strict=True):
         torch.manual_seed(seed)
-        initial = dict(build_model("resnet9", 10, width=4, dropout=0.2).named_parameters())
+        initial = dict(recipe_model(flagship(), FACTS).named_parameters())
         for name, start in initial.items():
             moved = reference["state"]["params"][name] - start.detach()
             apart = kept["state"]["params"][name] - reference["state"]["params"][name]
@@ -260,18 +264,15 @@ def test_what_vmap_cannot_take_is_refused_for_seeds_together(
         )
 
 
-def test_torch_dropout_is_refused_for_seeds_together(
-    tiny_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_torch_dropout_is_refused_for_seeds_together(tiny_cifar: Path, tmp_path: Path) -> None:
     """torch.nn.Dropout under vmap draws from one generator for all seeds: refused in words."""
 
     def with_torch_dropout(num_classes: int, **options: object) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(3 * 32 * 32, num_classes))
 
-    monkeypatch.setitem(models.MODELS, "torch_dropout", with_torch_dropout)
     with pytest.raises(HooktrainError, match=r"torch's own dropout \(1\)"):
         train_seeds(
-            flagship("model=torch_dropout"),
+            attrs.evolve(flagship(), model=Ref(with_torch_dropout)),
             [0, 1],
             out_dirs=[tmp_path / "a", tmp_path / "b"],
             data_dir=tiny_cifar,

@@ -28,7 +28,7 @@ from torchvision.io import write_jpeg, write_png
 
 from hooktrain.data import image_folders
 from hooktrain.data.cache import default_cache_dir
-from hooktrain.data.device import CIFAR10_CLASSES, ImageDataset
+from hooktrain.data.device import CIFAR10_CLASSES, Splits
 from hooktrain.data.sources import default_data_dir, load_cifar10
 from hooktrain.errors import HooktrainError
 
@@ -125,20 +125,20 @@ def test_official_format_round_trips(tmp_path: Path, protocol: int, point_at_bat
     dataset = load_cifar10(batches if point_at_batches_dir else tmp_path / "data")
 
     assert dataset.classes == CIFAR10_CLASSES
-    assert dataset.train.images.shape == (100, 32, 32, 3)
-    assert dataset.test.images.shape == (20, 32, 32, 3)
-    assert dataset.train.images.is_contiguous()
-    assert dataset.train.labels.dtype == torch.int64
+    assert dataset.train.inputs.shape == (100, 32, 32, 3)
+    assert dataset.test.inputs.shape == (20, 32, 32, 3)
+    assert dataset.train.inputs.is_contiguous()
+    assert dataset.train.targets.dtype == torch.int64
     rows = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
     labels = [label for i in range(1, 6) for label in written[f"data_batch_{i}"][1]]
     for i in (0, 19, 20, 57, 99):
         expected = torch.from_numpy(rows[i]).reshape(3, 32, 32).permute(1, 2, 0)
-        assert torch.equal(dataset.train.images[i], expected)
-    assert dataset.train.labels.tolist() == labels
+        assert torch.equal(dataset.train.inputs[i], expected)
+    assert dataset.train.targets.tolist() == labels
     test_rows, test_labels = written["test_batch"]
     expected_test = torch.from_numpy(test_rows).reshape(-1, 3, 32, 32).permute(0, 2, 3, 1)
-    assert torch.equal(dataset.test.images, expected_test)
-    assert dataset.test.labels.tolist() == test_labels
+    assert torch.equal(dataset.test.inputs, expected_test)
+    assert dataset.test.targets.tolist() == test_labels
 
 
 class OpenExploit:
@@ -219,13 +219,13 @@ def test_image_folder_png_is_exact_and_labels_follow_sorted_names(tmp_path: Path
     dataset = load_cifar10(tmp_path / "data")
 
     assert dataset.classes == CIFAR10_CLASSES
-    assert dataset.train.images.shape == (20, 32, 32, 3)
-    assert dataset.test.images.shape == (20, 32, 32, 3)
-    assert dataset.train.labels.tolist() == [label for label in range(10) for _ in range(2)]
+    assert dataset.train.inputs.shape == (20, 32, 32, 3)
+    assert dataset.test.inputs.shape == (20, 32, 32, 3)
+    assert dataset.train.targets.tolist() == [label for label in range(10) for _ in range(2)]
     for split_name, split in (("train", dataset.train), ("test", dataset.test)):
         for label, name in enumerate(CIFAR10_CLASSES):
             for i, image in enumerate(written[split_name][name]):
-                assert torch.equal(split.images[2 * label + i], image.permute(1, 2, 0))
+                assert torch.equal(split.inputs[2 * label + i], image.permute(1, 2, 0))
 
 
 def test_image_folder_jpeg_decodes_like_torchvision(tmp_path: Path) -> None:
@@ -235,10 +235,10 @@ def test_image_folder_jpeg_decodes_like_torchvision(tmp_path: Path) -> None:
 
     path = tmp_path / "data" / "test" / "cat" / "0001.jpg"
     expected = torchvision.io.decode_image(str(path), mode=torchvision.io.ImageReadMode.RGB)
-    assert torch.equal(dataset.test.images[3 * 2 + 1], expected.permute(1, 2, 0))
+    assert torch.equal(dataset.test.inputs[3 * 2 + 1], expected.permute(1, 2, 0))
     # Lossy, but the decoded pixels must still be the ones written.
     original = written["test"]["cat"][1].permute(1, 2, 0).float()
-    assert (dataset.test.images[7].float() - original).abs().mean() < 8
+    assert (dataset.test.inputs[7].float() - original).abs().mean() < 8
 
 
 def test_missing_folder_is_reported(tmp_path: Path) -> None:
@@ -316,11 +316,11 @@ def test_wrong_image_size_is_named(tmp_path: Path) -> None:
 # Decoded-image cache
 
 
-def assert_same_dataset(a: ImageDataset, b: ImageDataset) -> None:
+def assert_same_dataset(a: Splits, b: Splits) -> None:
     assert a.classes == b.classes
     for split_a, split_b in ((a.train, b.train), (a.test, b.test)):
-        assert torch.equal(split_a.images, split_b.images)
-        assert torch.equal(split_a.labels, split_b.labels)
+        assert torch.equal(split_a.inputs, split_b.inputs)
+        assert torch.equal(split_a.targets, split_b.targets)
 
 
 def test_second_load_comes_from_cache_and_data_dir_is_untouched(
@@ -356,7 +356,7 @@ def test_changed_file_invalidates_cache(tmp_path: Path, isolated_dirs: Path) -> 
 
     dataset = load_cifar10(data_dir)
 
-    assert torch.equal(dataset.train.images[2], new_image.permute(1, 2, 0))
+    assert torch.equal(dataset.train.inputs[2], new_image.permute(1, 2, 0))
     assert len(list((isolated_dirs / "decoded").glob("*.pt"))) == 2
 
 
@@ -373,7 +373,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path: Path, isolated_dirs: Path, garbage: 
     assert_same_dataset(first, second)
     assert cache_file.stat().st_size > 10_000
     restored = torch.load(cache_file, weights_only=True)
-    assert torch.equal(restored["train_images"], first.train.images)
+    assert torch.equal(restored["train_images"], first.train.inputs)
 
 
 def test_cache_with_wrong_contents_is_rebuilt(tmp_path: Path, isolated_dirs: Path) -> None:
@@ -397,7 +397,7 @@ def test_unwritable_cache_dir_still_loads(tmp_path: Path, monkeypatch: pytest.Mo
     lines: list[str] = []
     dataset = load_cifar10(data_dir, echo=lines.append)
 
-    assert dataset.train.images.shape == (10, 32, 32, 3)
+    assert dataset.train.inputs.shape == (10, 32, 32, 3)
     assert blocker.is_file()
     assert lines[-1].startswith(f"warning: cannot cache the decoded images in {blocker}/cache/")
     assert lines[-1].endswith("; the next run decodes them again")
@@ -435,7 +435,7 @@ def test_flipped_bit_in_cached_labels_is_detected_and_decoded_again(
     write_tree(data_dir, list(CIFAR10_CLASSES), per_class=2)
     first = load_cifar10(data_dir)
     (cache_file,) = (isolated_dirs / "decoded").glob("*.pt")
-    flip_bit_in_cached_labels(cache_file, first.train.labels)
+    flip_bit_in_cached_labels(cache_file, first.train.targets)
     lines: list[str] = []
 
     second = load_cifar10(data_dir, echo=lines.append)
@@ -587,7 +587,7 @@ def test_image_names_that_are_not_utf8_load(tmp_path: Path) -> None:
 
     dataset = load_cifar10(tmp_path / "data")
 
-    assert torch.equal(dataset.train.images[3], written["train"]["cat"][0].permute(1, 2, 0))
+    assert torch.equal(dataset.train.inputs[3], written["train"]["cat"][0].permute(1, 2, 0))
 
 
 def test_messages_about_names_that_are_not_utf8_can_be_printed(tmp_path: Path) -> None:
@@ -613,8 +613,8 @@ def test_16_bit_grayscale_png_is_rounded_to_8_bits(tmp_path: Path) -> None:
 
     # The PNG specification's scaling: round(v * 255 / 65535).
     expected = torch.from_numpy(np.round(samples / 257).astype(np.uint8))
-    assert torch.equal(dataset.train.images[2], expected[..., None].expand(32, 32, 3))
-    assert dataset.train.images[2, 0, :5, 0].tolist() == [0, 0, 1, 127, 255]
+    assert torch.equal(dataset.train.inputs[2], expected[..., None].expand(32, 32, 3))
+    assert dataset.train.inputs[2, 0, :5, 0].tolist() == [0, 0, 1, 127, 255]
 
 
 def test_16_bit_rgb_png_is_rounded_to_8_bits(tmp_path: Path) -> None:
@@ -626,7 +626,7 @@ def test_16_bit_rgb_png_is_rounded_to_8_bits(tmp_path: Path) -> None:
     dataset = load_cifar10(tmp_path / "data")
 
     expected = torch.from_numpy(np.round(samples / 257).astype(np.uint8))
-    assert torch.equal(dataset.test.images[9], expected)
+    assert torch.equal(dataset.test.inputs[9], expected)
 
 
 @pytest.mark.parametrize(
@@ -658,7 +658,7 @@ def test_every_color_mode_decodes_to_rgb_as_pillow_converts_it(
 
     with Image.open(target) as saved:
         expected = torch.from_numpy(np.array(saved.convert("RGB")))
-    assert torch.equal(dataset.train.images[3], expected)
+    assert torch.equal(dataset.train.inputs[3], expected)
 
 
 def write_batch_file(tmp_path: Path, content: bytes) -> Path:
@@ -721,7 +721,7 @@ def test_long_lists_in_batch_files_are_not_mistaken_for_deep_ones(tmp_path: Path
     # Protocol 0 appends each of the 300 labels on its own, protocol 2 in groups of 1000.
     written = write_batches(tmp_path / "cifar-10-batches-py", per_batch=300, protocol=protocol)
     dataset = load_cifar10(tmp_path)
-    assert dataset.test.labels.tolist() == written["test_batch"][1]
+    assert dataset.test.targets.tolist() == written["test_batch"][1]
 
 
 def test_batch_labels_must_be_a_flat_list_of_integers(tmp_path: Path) -> None:

@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hooktrain.core.evaluate import build_evaluate
 from hooktrain.core.optim import adam, make_optimizer, sgd
 from hooktrain.core.pieces import DecayRule
 from hooktrain.core.state import TrainState
-from hooktrain.core.step import StepPieces, build_evaluate, build_step, constant_schedule
+from hooktrain.core.step import StepPieces, build_step, constant_schedule
+from hooktrain.core.task import Classification
 from hooktrain.plugins.grad_clip import clip_by_value
 from hooktrain.plugins.onecycle import onecycle_schedule
 
@@ -200,9 +202,9 @@ def test_evaluate_matches_the_model_in_eval_mode() -> None:
     with torch.no_grad():
         logits = torch.cat([reference(x) for x, _ in data])
     targets = torch.cat([y for _, y in data])
-    result = build_evaluate(copy.deepcopy(model).eval(), None)(state, data)
-    assert result.loss == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-12)
-    assert result.accuracy == pytest.approx((logits.argmax(1) == targets).float().mean().item())
+    result = build_evaluate(copy.deepcopy(model).eval(), Classification(), None)(state, data)
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-12)
+    assert result["accuracy"] == pytest.approx((logits.argmax(1) == targets).float().mean().item())
 
 
 def test_compiled_step_matches_eager() -> None:

@@ -14,12 +14,13 @@ from click.testing import CliRunner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hooktrain.cli import main
-from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.registry import load_recipe
 from hooktrain.run.checkpoints import load_checkpoint
 from hooktrain.run.loop import train
 
 EXAMPLE_PLUGIN = Path(__file__).parent / "example_plugin"
-TINY = ["width=4", "batch_size=40", "eval_batch_size=100"]
+TINY = ["model.width=4", "batch_size=40", "eval_batch_size=100"]
 
 
 def invoke(*args: str) -> str:
@@ -31,7 +32,8 @@ def invoke(*args: str) -> str:
 def test_learns_real_cifar10_through_the_cli(cifar_dir: Path, tmp_path: Path) -> None:
     """A width-16 ResNet-9 on 5,000 real training images for 250 steps: far above chance."""
     out = tmp_path / "run"
-    sets = ["width=16", "epochs=5", "train_limit=5000", "batch_size=100", "metrics.log_every=10"]
+    sets = ["model.width=16", "epochs=5", "train_limit=5000", "batch_size=100"]
+    sets += ["metrics.log_every=10"]
     output = invoke(
         "run", "resnet9_cifar10", "--data-dir", cifar_dir, "--out", out, "--device", "cpu",
         *(arg for s in sets for arg in ("--set", s)),

@@ -29,7 +29,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 import hooktrain
 from hooktrain.ablation.spec import CELLS_FOLDER
 from hooktrain.cli import main
-from hooktrain.config.recipe import apply_overrides, load_recipe
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.registry import load_recipe
 from hooktrain.plugins.checkpoint import CHECKPOINT_FOLDER, LAST
 from hooktrain.plugins.metrics import METRICS_FILE, TENSORBOARD_FOLDER
 from hooktrain.plugins.onecycle import onecycle_schedule
@@ -39,7 +40,7 @@ from hooktrain.run.loop import train, train_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGSHIP = "resnet9_cifar10"
-TINY = ["width=4", "batch_size=40", "eval_batch_size=100"]
+TINY = ["model.width=4", "batch_size=40", "eval_batch_size=100"]
 STEPS_PER_EPOCH = 6  # 240 images in batches of 40
 # A line of tqdm's meter: "epoch 1/2:  50%|#####     | 6/12 [00:01<00:01, 5.1step/s, ...]".
 METER = re.compile(r"^(epoch \d+/\d+(?: \(\d+ seeds\))?): +\d+%\|.*\| (\d+)/(\d+) \[")
@@ -190,17 +191,18 @@ def test_lr_is_logged_at_the_step_and_loss_over_the_window(stopped_run: Path) ->
 
 def test_a_stopped_run_has_hparams_with_its_metrics_so_far(stopped_run: Path) -> None:
     """The HPARAMS tab lists a run that stopped before its end (the old code wrote hparams
-    only at fit_end), with the last test accuracy and loss as its metrics."""
+    only at fit_end), with the classification task's test loss, accuracy and top-5 accuracy as
+    its metrics."""
     events = EventAccumulator(str(stopped_run / TENSORBOARD_FOLDER)).Reload()
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         events.summary_metadata["_hparams_/experiment"].plugin_data.content
     ).experiment
     metrics = [info.name.tag for info in experiment.metric_infos]
-    assert metrics == ["test/accuracy", "test/loss"]
+    assert metrics == ["test/loss", "test/accuracy", "test/top5"]
     start = plugin_data_pb2.HParamsPluginData.FromString(
         events.summary_metadata["_hparams_/session_start_info"].plugin_data.content
     ).session_start_info
-    assert start.hparams["width"].number_value == 4
+    assert start.hparams["model.width"].number_value == 4
     assert start.hparams["grad_clip"].string_value == "on"
     assert "_hparams_/session_end_info" not in events.summary_metadata  # not finished
     first_epoch = json.loads((stopped_run / METRICS_FILE).read_text())["epochs"][0]

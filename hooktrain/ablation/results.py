@@ -1,6 +1,7 @@
 """An ablation's results: each run's figures, the per-cell summaries and the table.
 
-A cell's summary is the mean and standard deviation of its seeds' final test accuracy and, for
+A cell's summary is the mean and standard deviation of its seeds' final figure of the
+ablation's metric (test accuracy unless it says otherwise) and, for
 every cell but the baseline, the mean of the seed-by-seed differences from the baseline with a
 95% paired t interval: seed ``s`` of every cell shares its initialisation and data order.
 """
@@ -72,7 +73,7 @@ class AblationResult:
             runs = self.runs.get(cell.name, {})
             if not all(s in runs for s in seeds):
                 return None
-            return [runs[s]["test_accuracy"] for s in seeds]
+            return [runs[s][self.metric] for s in seeds]
 
         base = accuracies(self.cells[0])
         summaries = []
@@ -104,19 +105,29 @@ class AblationResult:
             "summary": [attrs.asdict(summary) for summary in self.summaries()],
         }
 
+    @property
+    def metric(self) -> str:
+        """The figure the cells are compared by."""
+        return self.spec["metric"]
+
     def table(self) -> str:
-        """The summaries as a Markdown table, accuracies in percent, deltas in points."""
+        """The summaries as a Markdown table: accuracies in percent and their deltas in points,
+        other metrics as they are."""
+        scale, unit = (100, " %") if self.metric.endswith(("accuracy", "top5")) else (1, "")
+        digits = 2 if scale == 100 else 4
 
-        def percent(value: float | None) -> str:
-            return "-" if value is None else f"{100 * value:.2f}"
+        def shown(value: float | None) -> str:
+            return "-" if value is None else f"{scale * value:.{digits}f}"
 
+        name = self.metric.replace("_", " ")
+        points = ", points" if scale == 100 else ""
         lines = [
-            "| cell | seeds | test accuracy % (mean ± std) | Δ vs baseline, points [95% CI] "
+            f"| cell | seeds | {name}{unit} (mean ± std) | Δ vs baseline{points} [95% CI] "
             "| wall s |",
             "|---|---:|---:|---:|---:|",
         ]
         for s in self.summaries():
-            accuracy = percent(s.mean) + ("" if s.std is None else f" ± {percent(s.std)}")
+            accuracy = shown(s.mean) + ("" if s.std is None else f" ± {shown(s.std)}")
             if s.baseline:
                 delta = "(baseline)"
             elif s.delta is None:
@@ -125,9 +136,11 @@ class AblationResult:
                 interval = (
                     ""
                     if s.delta_low is None
-                    else (f" [{100 * s.delta_low:+.2f}, {100 * s.delta_high:+.2f}]")
+                    else (
+                        f" [{scale * s.delta_low:+.{digits}f}, {scale * s.delta_high:+.{digits}f}]"
+                    )
                 )
-                delta = f"{100 * s.delta:+.2f}{interval}"
+                delta = f"{scale * s.delta:+.{digits}f}{interval}"
             lines.append(f"| {s.cell} | {s.runs} | {accuracy} | {delta} | {s.seconds:.1f} |")
         return "\n".join(lines)
 
@@ -139,7 +152,8 @@ class AblationResult:
         return (
             f"# Ablation of {recipe}\n\n"
             f"Varied ({self.spec['mode']}, first value = baseline): {vary}.\n"
-            f"Seeds: {seeds}. Accuracy is the final test accuracy; std is over seeds (n-1).\n"
+            f"Seeds: {seeds}. The figure is the final {self.metric.replace('_', ' ')}; std is "
+            "over seeds (n-1).\n"
             "Δ is the mean over seeds of (cell - baseline) for the same seed, with a 95% paired "
             "t interval; wall s is the time spent training the cell's seeds.\n\n"
             f"{self.table()}\n"

@@ -25,24 +25,24 @@ from hooktrain.ablation.spec import (
     cell_recipe,
 )
 from hooktrain.config.recipe import Recipe
+from hooktrain.core.task import check_metric
 from hooktrain.errors import HooktrainError
+from hooktrain.run.build import build_task
 from hooktrain.run.files import atomic_write, read_json
 from hooktrain.run.folder import claim_run_folder, hold_run_folder
 
 
-def _check_run_figures(figures: Any) -> None:
-    """A finished run's figures as :func:`run_ablation` saves them, or ValueError."""
-    accuracy = figures.get("test_accuracy") if isinstance(figures, dict) else None
-    numbers = (
-        [figures.get(k) for k in ("test_accuracy", "test_loss", "seconds")]
-        if isinstance(figures, dict)
-        else []
-    )
+def _check_run_figures(figures: Any, metric: str) -> None:
+    """A finished run's figures as :func:`run_ablation` saves them (its metrics and seconds,
+    finite numbers, the compared ``metric`` among them), or ValueError."""
     if not (
-        len(numbers) == 3
-        and all(isinstance(n, float | int) and not isinstance(n, bool) for n in numbers)
-        and all(math.isfinite(n) for n in numbers)
-        and 0 <= accuracy <= 1
+        isinstance(figures, dict)
+        and metric in figures
+        and "seconds" in figures
+        and all(isinstance(n, float | int) and not isinstance(n, bool) for n in figures.values())
+        and all(math.isfinite(n) for n in figures.values())
+        # fractions: an accuracy above 1 was written by hand, not by a run
+        and all(0 <= v <= 1 for k, v in figures.items() if k.endswith(("accuracy", "top5")))
     ):
         raise ValueError(f"a run's figures are malformed: {figures!r:.80}")
 
@@ -59,7 +59,7 @@ def _read_result(path: Path, spec: dict[str, Any], cells: list[Cell]) -> Ablatio
         runs = {cell["name"]: dict(cell["runs"]) for cell in saved["cells"]}
         for cell_runs in runs.values():
             for figures in cell_runs.values():
-                _check_run_figures(figures)
+                _check_run_figures(figures, spec["metric"])
         saved_spec = saved["spec"]
     except (ValueError, KeyError, TypeError) as error:
         raise HooktrainError(
@@ -115,6 +115,13 @@ def run_ablation(
     (a run cut off halfway starts over: its wall time would otherwise be wrong).
     """
     cells = ablation.cells(recipe)
+    split, _, name = ablation.metric.partition("_")
+    check_metric(build_task(recipe), name, f"The ablation's metric {ablation.metric!r}")
+    if split not in ("test", "val") or (split == "val" and not recipe.val_split):
+        raise HooktrainError(
+            f"The ablation's metric {ablation.metric!r} names no evaluated split; compare a "
+            "test_ metric (or a val_ one with --set val_split=...), e.g. test_accuracy."
+        )
     spec = ablation.spec(recipe)
     path = out_dir / ABLATION_FILE
     if path.exists():
@@ -180,7 +187,7 @@ def _train_cells(
             with contextlib.ExitStack() as claimed:
                 for run_dir in run_dirs:  # a folder an interrupted attempt left is replaced
                     claimed.enter_context(claim_run_folder(run_dir, overwrite=True))
-                reports = train_seeds(
+                trained = train_seeds(
                     attrs.evolve(variant, seed=group[0]),
                     group,
                     out_dirs=run_dirs,
@@ -190,12 +197,8 @@ def _train_cells(
                     tags=tags,
                 )
             share = (time.perf_counter() - started) / len(group)
-            for seed, report in zip(group, reports, strict=True):
-                done[str(seed)] = {
-                    "test_accuracy": report.test_accuracy,
-                    "test_loss": report.test_loss,
-                    "seconds": share,
-                }
+            for seed, run in zip(group, trained, strict=True):
+                done[str(seed)] = {**run.report.metrics, "seconds": share}
             _write(out_dir, result)
 
 

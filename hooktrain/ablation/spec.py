@@ -19,12 +19,14 @@ import hashlib
 import itertools
 import json
 import re
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
 
-from hooktrain.config.recipe import Recipe, apply_overrides, field_names, parse_assignment
+from hooktrain.config.overrides import apply_overrides, parse_assignment
+from hooktrain.config.recipe import Recipe, field_names
 from hooktrain.config.stored import recipe_to_config
 from hooktrain.core.plugin import plugin_classes
 from hooktrain.errors import HooktrainError
@@ -140,13 +142,15 @@ class Ablation:
 
     ``vary`` maps a key to its values (``{"grad_clip": ["on", "off"]}``); ``mode`` ``grid`` runs
     every combination, ``one-at-a-time`` the baseline plus each single change from it.
-    ``parallel_seeds`` trains that many seeds of a cell at once, vmapped.
+    ``parallel_seeds`` trains that many seeds of a cell at once, vmapped. ``metric`` is the
+    final figure the table compares (``test_accuracy``; ``test_mse`` for a regression).
     """
 
     vary: tuple[Factor, ...] = attrs.field(converter=_to_factors)
     mode: Mode = "grid"
     seeds: int = 3
     parallel_seeds: int = 1
+    metric: str = "test_accuracy"
 
     def __attrs_post_init__(self) -> None:
         if not self.vary:
@@ -248,6 +252,7 @@ class Ablation:
             "vary": {f.key: list(f.values) for f in self.vary},
             "mode": self.mode,
             "seeds": self.seed_list(recipe),
+            "metric": self.metric,
         }
 
     def seed_list(self, recipe: Recipe) -> list[int]:
@@ -293,3 +298,22 @@ def cell_recipe(recipe: Recipe, cell: Cell, toggles: set[str]) -> Recipe:
     without_plugins = [k for k, v in switched if v == OFF and recipe.plugin(k) is not None]
     assignments = [f"{k}={v}" for k, v in cell.settings if k not in toggles]
     return apply_overrides(recipe, assignments, with_plugins, without_plugins)
+
+
+def chosen_ablation(
+    recipe_name: str, module: types.ModuleType, vary: Sequence[str], **changes: Any
+) -> Ablation:
+    """The ablation a command asks for: the ``--vary`` factors, else the one declared beside
+    the recipe (``ablation = Ablation(...)``), with the options given (None: unchanged)."""
+    factors = [Factor.parse(text) for text in vary]
+    declared = getattr(module, "ablation", None)
+    if factors:
+        ablation = Ablation(vary=factors)
+    elif isinstance(declared, Ablation):
+        ablation = declared
+    else:
+        raise HooktrainError(
+            f"Say what to vary, e.g. --vary grad_clip=on,off; the recipe {recipe_name!r} "
+            "declares no ablation of its own."
+        )
+    return attrs.evolve(ablation, **{k: v for k, v in changes.items() if v is not None})

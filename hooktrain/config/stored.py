@@ -11,19 +11,53 @@ from __future__ import annotations
 import types
 from typing import Any
 
-from hooktrain.config.recipe import Recipe, evolve_checked, field_names
+from hooktrain.config.overrides import evolve_checked, ref_with_args
+from hooktrain.config.recipe import Recipe, field_names
+from hooktrain.config.ref import Ref
+from hooktrain.config.registry import (
+    FIELDS,
+    import_object,
+    recipe_paths,
+    registered,
+    registered_name,
+)
 from hooktrain.core.plugin import PLUGIN_GROUP, Plugin, class_path, plugin_classes
 from hooktrain.errors import HooktrainError, shown
 from hooktrain.run.files import RECIPE_FILE_MODULE
 
 
 def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def ref_path(kind: str, ref: Ref) -> str:
+    """How config.json names a reference's factory: its registered name when it has one,
+    else ``module:qualname`` (a recipe file's callables under the recipe-file module)."""
+    if isinstance(ref.factory, str):
+        return ref.factory
+    name = registered_name(kind, ref.factory)
+    return name or f"{ref.factory.__module__}:{ref.factory.__qualname__}"
+
+
+def _ref_to_json(kind: str, ref: Ref) -> dict[str, Any]:
+    args = {key: _jsonable(value) for key, value in ref.args.items()}
+    return {"factory": ref_path(kind, ref), "label": ref.label, "args": args}
+
+
+def _field_to_json(recipe: Recipe, field: str) -> Any:
+    value = getattr(recipe, field)
+    if field in FIELDS:
+        return _ref_to_json(FIELDS[field], value)
+    if field == "augment":
+        return [_ref_to_json("augment", piece) for piece in value]
+    return _jsonable(value)
 
 
 def recipe_to_config(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain JSON data; :func:`recipe_from_config` rebuilds it."""
-    fields = {f: _jsonable(getattr(recipe, f)) for f in ["name", *field_names(Recipe)]}
+    fields = {f: _field_to_json(recipe, f) for f in ["name", *field_names(Recipe)]}
     plugins = [
         {
             "class": class_path(type(p)),
@@ -104,11 +138,71 @@ def recipe_from_config(
             )
             plugins.append(plugin)
         fields = dict(config["recipe"])
+        name = fields.pop("name")
+        trusted = _trusted_paths(name, recipe_module)
+        refs: dict[str, Any] = {
+            field: _saved_ref(kind, fields.pop(field), trusted, recipe_module)
+            for field, kind in FIELDS.items()
+        }
+        refs["augment"] = tuple(
+            _saved_ref("augment", piece, trusted, recipe_module) for piece in fields.pop("augment")
+        )
         source = recipe_module.__file__ if recipe_module is not None else None
-        base = Recipe(name=fields.pop("name"), plugins=tuple(plugins), source=source)
+        base = Recipe(name=name, plugins=tuple(plugins), source=source, **refs)
         return evolve_checked(base, fields, "The saved recipe")
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
         raise HooktrainError(
             f"The saved configuration is incomplete or malformed ({type(error).__name__}: "
             f"{error}); it was not written by this version of hooktrain: start the run again."
         ) from error
+
+
+def _recipe_refs(recipe: Recipe) -> list[tuple[str, Ref]]:
+    return [(kind, getattr(recipe, field)) for field, kind in FIELDS.items()] + [
+        ("augment", piece) for piece in recipe.augment
+    ]
+
+
+def _trusted_paths(name: Any, recipe_module: types.ModuleType | None) -> set[str]:
+    """The import paths a saved config may name: those the recipe itself names, in the file the
+    user named or in the registered recipe of the saved name (both code the user chose)."""
+    recipe = getattr(recipe_module, "recipe", None) if recipe_module is not None else None
+    known = recipe_paths()
+    if recipe is None and isinstance(name, str) and name in known:
+        recipe = import_object(known[name])
+    if not isinstance(recipe, Recipe):
+        return set()
+    return {ref_path(kind, ref) for kind, ref in _recipe_refs(recipe)}
+
+
+def _saved_ref(
+    kind: str, saved: Any, trusted: set[str], recipe_module: types.ModuleType | None
+) -> Ref:
+    """The reference a saved config describes, resolved without importing what it names:
+    a registered name, a callable of the recipe file the user named, or an import path that
+    the user's recipe itself names."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("factory"), str):
+        raise TypeError(f"a saved {kind} must be an object with a factory name")
+    path, args, label = saved["factory"], saved["args"], saved["label"]
+    if not isinstance(args, dict) or not isinstance(label, str):
+        raise TypeError(f"a saved {kind}'s args must be an object and its label text")
+    module_name, colon, qualname = path.partition(":")
+    if not colon and path in registered(kind):
+        ref = Ref(path)
+    elif module_name.startswith(RECIPE_FILE_MODULE):
+        own = getattr(recipe_module, qualname, None) if recipe_module is not None else None
+        if not callable(own):
+            raise HooktrainError(
+                f"This run's {kind} {shown(path)} is defined in its recipe file; name that file "
+                "with --recipe FILE (a recipe file's code runs only when you name it)."
+            )
+        ref = Ref(own)
+    elif path in trusted:
+        ref = Ref(path)
+    else:
+        raise HooktrainError(
+            f"The saved {kind} {shown(path)} is neither registered (built in, or installed under "
+            "an entry point) nor named by the recipe, so it was not imported; name the recipe "
+            "file that uses it with --recipe FILE, or install the package that registers it."
+        )
+    return ref_with_args(kind, ref, args, f"The saved {kind}", f"{kind}.").named(label)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
+from torch import nn
 
 from hooktrain.run.files import resume_command
 
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from hooktrain.config.recipe import Recipe
     from hooktrain.core.optim import Optimizer
     from hooktrain.core.state import TrainState
+    from hooktrain.core.task import Task
     from hooktrain.data.device import DeviceData
 
 
@@ -46,20 +48,41 @@ class BuildContext:
 class EpochReport:
     """One epoch's figures, read from the device once, at the epoch's end.
 
-    ``epoch`` counts finished epochs (1 after the first); ``seconds`` is this epoch's wall time,
-    training and evaluation together.
+    ``epoch`` counts finished epochs (1 after the first); ``metrics`` are the task's metrics of
+    each evaluated split, named ``SPLIT_METRIC`` (``test_accuracy``, ``test_loss``, and
+    ``val_accuracy`` with a validation split); ``seconds`` is this epoch's wall time, training
+    and evaluation together.
     """
 
     epoch: int
     step: int
     train_loss: float
-    test_loss: float
-    test_accuracy: float
+    metrics: dict[str, float]
     seconds: float
 
+    def __getitem__(self, name: str) -> float:
+        """The metric ``name`` (``report["test_accuracy"]``)."""
+        return self.metrics[name]
+
     def to_dict(self) -> dict[str, float | int]:
-        """The figures as a plain dict (for JSON and checkpoints)."""
-        return attrs.asdict(self)
+        """The figures as one flat dict (for JSON and checkpoints)."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "train_loss": self.train_loss,
+            **self.metrics,
+            "seconds": self.seconds,
+        }
+
+
+@attrs.frozen
+class Trained:
+    """What a finished (or stopped) run gives back: its last epoch's report, its final state,
+    and the model in eval mode holding the trained parameters and buffers."""
+
+    report: EpochReport | None
+    state: TrainState
+    model: nn.Module
 
 
 @attrs.frozen
@@ -71,14 +94,16 @@ class RunContext:
     every plugin's state included; ``echo`` prints a line for the user. ``tags`` are labels the
     caller gave the run (an ablation names its cell and varied settings there). Seeds trained
     together in lockstep are ``lanes`` runs, this one is number ``lane`` (from 0); each has
-    its own folder and plugin instances. Under torchrun this process is ``rank`` of
-    ``world_size``, each training a replica of the one model.
+    its own folder and plugin instances. ``task`` is the run's loss and metrics. Under
+    torchrun this process is ``rank`` of ``world_size``, each training a replica of the one
+    model.
     """
 
     recipe: Recipe
     out_dir: Path
     device: torch.device
     data: DeviceData
+    task: Task
     steps_per_epoch: int
     config: dict[str, Any]
     checkpoint_payload: Callable[[TrainState], dict[str, Any]]
@@ -100,6 +125,20 @@ class RunContext:
         return self.recipe.epochs * self.steps_per_epoch
 
     @property
+    def chosen_by(self) -> str:
+        """The metric choices during the run go by (``best.pt``, early stopping): the task's
+        target metric on validation with a ``val_split``, else on test."""
+        split = "val" if self.recipe.val_split else "test"
+        return f"{split}_{self.task.target_metric}"
+
+    @property
     def resume_command(self) -> str:
         """The command that continues this run from its last checkpoint."""
         return resume_command(self.out_dir, self.config, self.world_size > 1)
+
+
+def metric_text(name: str, value: float) -> str:
+    """A metric for people: ``test_accuracy`` 0.912 as "test accuracy 91.20%", others with four
+    decimals ("test loss 0.3012")."""
+    shown = f"{value:.2%}" if name.endswith(("accuracy", "_top5")) else f"{value:.4f}"
+    return f"{name.replace('_', ' ')} {shown}"

@@ -121,8 +121,9 @@ def hooktrain_gradient_transform(build: BuildContext) -> GradientTransform | Non
 def hooktrain_loss(build: BuildContext) -> LossFn | None:
     """Return the training loss as ``loss(logits, targets) -> 0-d tensor``. *One claimant.*
 
-    Without a claimant the loss is cross-entropy. Evaluation always reports cross-entropy, so
-    test losses stay comparable across plugins.
+    Without a claimant the loss is the task's (cross-entropy for classification, MSE for
+    regression). Evaluation always reports the task's own loss, so test losses stay comparable
+    across plugins.
     """
 
 

@@ -1,9 +1,12 @@
-"""The training step, one pure function composed from the plugins' pieces, and evaluation."""
+"""The training step, one pure function composed from the plugins' pieces.
+
+Evaluation, which shares its autocast and float32 outputs, is in :mod:`hooktrain.core.evaluate`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -248,105 +251,3 @@ def build_lane_step(
 def _stack(lanes: list[NamedTensors]) -> NamedTensors:
     """One tensor per name, the lanes stacked along a new first dimension."""
     return {name: torch.stack([lane[name] for lane in lanes]) for name in lanes[0]}
-
-
-@attrs.frozen
-class Evaluation:
-    """Mean cross-entropy and accuracy over a split."""
-
-    loss: float
-    accuracy: float
-
-
-def _batch_sums(
-    eval_model: nn.Module, autocast_dtype: torch.dtype | None, tta_flip: bool
-) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    def logits_of(params: NamedTensors, buffers: NamedTensors, x: torch.Tensor) -> torch.Tensor:
-        with _autocast(x.device, autocast_dtype):
-            return _at_least_float32(functional_call(eval_model, (params, buffers), (x,)))
-
-    def batch_sums(
-        params: NamedTensors, buffers: NamedTensors, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = logits_of(params, buffers, x)
-        if tta_flip:  # test-time augmentation: the mean of the image's and its mirror's logits
-            logits = (logits + logits_of(params, buffers, x.flip(-1))) / 2
-        loss_sum = F.cross_entropy(logits, y, reduction="sum")
-        correct = (logits.argmax(dim=1) == y).sum()
-        return loss_sum, correct
-
-    return batch_sums
-
-
-SumOverProcesses = Callable[[torch.Tensor], torch.Tensor]
-"""Sums a tensor over the data-parallel processes (each evaluated its share of the batches)."""
-
-
-@torch.no_grad()
-def _evaluations(
-    core: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-    params: NamedTensors,
-    buffers: NamedTensors,
-    batches: Iterable[Batch],
-    sum_over_processes: SumOverProcesses | None = None,
-) -> list[Evaluation]:
-    """Sum over the batches on the device, then one host sync; a list of one per lane."""
-    loss_sum = correct = count = 0
-    for x, y in batches:
-        batch_loss, batch_correct = core(params, buffers, x, y)
-        loss_sum = loss_sum + batch_loss
-        correct = correct + batch_correct
-        count += len(y)
-    if sum_over_processes is not None:  # called by every process, even one with no batch
-        device = next(iter(params.values())).device
-        sums = sum_over_processes(
-            torch.stack(
-                [torch.as_tensor(v, device=device).double() for v in (loss_sum, correct, count)]
-            )
-        )
-        loss_sum, correct, count = sums[0], sums[1], int(sums[2])
-    if count == 0:
-        return [Evaluation(float("nan"), float("nan"))]
-    losses = torch.as_tensor(loss_sum).reshape(-1).tolist()
-    corrects = torch.as_tensor(correct).reshape(-1).tolist()
-    return [
-        Evaluation(loss / count, right / count)
-        for loss, right in zip(losses, corrects, strict=True)
-    ]
-
-
-def build_evaluate(
-    eval_model: nn.Module,
-    autocast_dtype: torch.dtype | None,
-    compile: bool = False,
-    tta_flip: bool = False,
-    sum_over_processes: SumOverProcesses | None = None,
-) -> Callable[[TrainState, Iterable[Batch]], Evaluation]:
-    """``evaluate(state, batches) -> Evaluation`` with the model in eval mode; ``tta_flip``
-    averages the logits of each image and its mirror image. Data-parallel processes each pass
-    their share of the batches and ``sum_over_processes``; all get the whole split's figures."""
-    batch_sums = _batch_sums(eval_model, autocast_dtype, tta_flip)
-    core = torch.compile(batch_sums) if compile else batch_sums
-
-    def evaluate(state: TrainState, batches: Iterable[Batch]) -> Evaluation:
-        return _evaluations(core, state.params, state.buffers, batches, sum_over_processes)[0]
-
-    return evaluate
-
-
-def build_lane_evaluate(
-    eval_model: nn.Module,
-    autocast_dtype: torch.dtype | None,
-    compile: bool = False,
-    tta_flip: bool = False,
-) -> Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]]:
-    """``evaluate(states, batches) -> [Evaluation, ...]``, all lanes vmapped over one batch."""
-    lane_sums = vmap(_batch_sums(eval_model, autocast_dtype, tta_flip), in_dims=(0, 0, None, None))
-    core = torch.compile(lane_sums) if compile else lane_sums
-
-    def evaluate(states: Sequence[TrainState], batches: Iterable[Batch]) -> list[Evaluation]:
-        params = _stack([s.params for s in states])
-        buffers = _stack([s.buffers for s in states])
-        return _evaluations(core, params, buffers, batches)
-
-    return evaluate

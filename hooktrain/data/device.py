@@ -1,16 +1,19 @@
-"""CIFAR-10 in memory: the dataset records, batched on-device augmentation and DeviceData.
+"""A data set in memory: the records, and DeviceData, which serves it as batches on a device.
 
-Reading CIFAR-10 from disk is :mod:`hooktrain.data.sources`.
+Reading data from disk is :mod:`hooktrain.data.sources`; augmentation pieces are
+:mod:`hooktrain.data.augment`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch
 from torch import Tensor
 
+from hooktrain.data.augment import Augmentation, Draws, Normalize
+from hooktrain.data.chain import Chain
 from hooktrain.errors import HooktrainError
 
 __all__ = [
@@ -18,10 +21,8 @@ __all__ = [
     "IMAGE_SIZE",
     "DeviceData",
     "EpochPlan",
-    "ImageDataset",
-    "ImageSplit",
-    "crop_flip",
-    "normalize",
+    "Split",
+    "Splits",
 ]
 
 CIFAR10_CLASSES: tuple[str, ...] = (
@@ -37,139 +38,201 @@ CIFAR10_CLASSES: tuple[str, ...] = (
     "truck",
 )
 IMAGE_SIZE = 32
-PAD_MODES = ("reflect", "zeros")
+EVAL_SPLITS = ("test", "val")
+# Fixed seeds, not the run's: which images are held out or used is part of the experiment, not
+# its noise, and stays the same whatever the run's seed.
+VAL_SEED = 1
+SUBSET_SEED = 0
+ALIGNMENT = 16  # bytes: every dtype's tensor view of the shipped epoch buffer is aligned
 
 
 @attrs.frozen(eq=False)
-class ImageSplit:
-    """One split: uint8 images (N, 32, 32, 3) in NHWC order and int64 labels (N,)."""
+class Split:
+    """One split: ``inputs`` (N, ...) and ``targets`` (N,) or (N, K).
 
-    images: Tensor
-    labels: Tensor
+    Images are uint8 (N, H, W, C) in NHWC order with C = 1 (grayscale) or 3 (RGB); other inputs
+    (tabular features) are floating point. Targets are int64 class labels for classification,
+    floating point for regression.
+    """
+
+    inputs: Tensor
+    targets: Tensor
 
     def __attrs_post_init__(self) -> None:
-        images, labels = self.images, self.labels
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        inputs, targets = self.inputs, self.targets
+        if inputs.ndim < 2:
+            raise ValueError(f"inputs must be (N, ...), got shape {tuple(inputs.shape)}")
+        if inputs.dtype == torch.uint8 and (inputs.ndim != 4 or inputs.shape[3] not in (1, 3)):
             raise ValueError(
-                f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
+                f"uint8 images must be (N, H, W, 1 or 3), got shape {tuple(inputs.shape)}"
             )
-        if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+        if targets.ndim not in (1, 2) or targets.shape[0] != inputs.shape[0]:
             raise ValueError(
-                f"labels must be int64 ({images.shape[0]},), got {labels.dtype} {labels.shape}"
+                f"targets must be ({inputs.shape[0]},) or ({inputs.shape[0]}, K), got "
+                f"{tuple(targets.shape)}"
             )
 
     def __len__(self) -> int:
-        return self.labels.shape[0]
+        return self.targets.shape[0]
+
+    @property
+    def is_image(self) -> bool:
+        """Whether the inputs are uint8 NHWC images (augmented before they are normalized)."""
+        return self.inputs.dtype == torch.uint8
 
 
 @attrs.frozen(eq=False)
-class ImageDataset:
-    """A train and a test split plus the class names, indexed by label."""
+class Splits:
+    """A train and a test split, plus the class names (indexed by label), None for regression."""
 
-    train: ImageSplit
-    test: ImageSplit
-    classes: tuple[str, ...]
+    train: Split
+    test: Split
+    classes: tuple[str, ...] | None
 
     def __attrs_post_init__(self) -> None:
+        if self.train.inputs.shape[1:] != self.test.inputs.shape[1:]:
+            raise ValueError(
+                f"train inputs are {tuple(self.train.inputs.shape[1:])} but test inputs are "
+                f"{tuple(self.test.inputs.shape[1:])}"
+            )
+        if self.classes is None:
+            return
         # A label past the classes would surface as an IndexError deep inside training.
         for split in (self.train, self.test):
-            labels = split.labels
+            labels = split.targets
+            if labels.dtype != torch.int64 or labels.ndim != 1:
+                raise ValueError(f"class labels must be int64 (N,), got {labels.dtype}")
             if len(labels) and not 0 <= labels.min() <= labels.max() < len(self.classes):
                 raise ValueError(f"labels must lie in 0..{len(self.classes) - 1}")
 
 
 @attrs.frozen(eq=False)
 class EpochPlan:
-    """One epoch's random draws, on the training device: sample order and per-slot augmentation."""
+    """One epoch's random draws, on the training device: the sample order, then each piece's
+    draws (one dict per piece of the training chain, one row per position in the order)."""
 
     order: Tensor
-    top: Tensor
-    left: Tensor
-    flip: Tensor
+    draws: tuple[Draws, ...]
+
+
+def _ship(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """CPU `tensors` on `device` through one host-to-device copy of their bytes, packed."""
+    chunks, starts, offset = [], [], 0
+    for tensor in tensors:
+        raw = tensor.contiguous().reshape(-1).view(torch.uint8)
+        gap = -raw.numel() % ALIGNMENT
+        chunks += [raw, raw.new_zeros(gap)]
+        starts.append(offset)
+        offset += raw.numel() + gap
+    packed = torch.cat(chunks)
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    return [
+        packed[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        for t, start in zip(tensors, starts, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
-# Augmentation
+# Choosing the images
 
 
-def _check_pad(pad: int, pad_mode: str, size: int) -> None:
-    if pad_mode not in PAD_MODES:
+def _check_batch_sizes(batch_size: int, eval_batch_size: int, shards: int) -> None:
+    if batch_size < 1:
+        raise HooktrainError(f"Batch size must be at least 1, got {batch_size}.")
+    if batch_size % shards:
+        below = batch_size - batch_size % shards
+        above = below + shards
         raise HooktrainError(
-            f"Unknown pad mode {pad_mode!r}; use one of {', '.join(map(repr, PAD_MODES))}."
+            f"The batch size {batch_size} does not split evenly over {shards} processes; "
+            f"set batch_size to a multiple of {shards} (e.g. --set batch_size={above}"
+            f"{f' or {below}' if below else ''}) or start another number of processes."
         )
-    if pad < 0:
-        raise HooktrainError(f"Crop padding must be 0 or more, got {pad}; pass a smaller --pad.")
-    if pad_mode == "reflect" and pad >= size:
+    if eval_batch_size < 1:
+        raise HooktrainError(f"Eval batch size must be at least 1, got {eval_batch_size}.")
+
+
+def _held_out(available: int, val_split: float, batch_size: int) -> Tensor:
+    """Indices of the training images held out for validation, ascending; a fixed choice."""
+    if not 0 <= val_split < 1:
         raise HooktrainError(
-            f"Reflect padding of {pad} pixels needs images larger than {pad} pixels, but they are "
-            f"{size}; use a smaller pad or pad mode 'zeros'."
+            f"The validation split is a fraction of the training images from 0 up to (not "
+            f"including) 1, got {val_split}; pass e.g. 0.1 to hold out a tenth."
         )
-    if pad >= size:
+    n_val = round(val_split * available)
+    if val_split and not n_val:
         raise HooktrainError(
-            f"Padding of {pad} pixels lets a crop of the {size}-pixel images miss the image "
-            f"entirely; use a pad below {size}."
+            f"A validation split of {val_split} holds out none of the {available} training "
+            "images; pass a larger val_split, or 0 for no validation split."
         )
+    if val_split and available - n_val < batch_size:
+        raise HooktrainError(
+            f"A validation split of {val_split} leaves {available - n_val} of the {available} "
+            f"training images, fewer than one batch of {batch_size}; pass a smaller val_split "
+            "or batch size."
+        )
+    if not n_val:
+        return torch.zeros(0, dtype=torch.int64)
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(VAL_SEED))
+    return order[:n_val].sort().values
 
 
-def _source_indices(offset: Tensor, pad: int, size: int, pad_mode: str) -> tuple[Tensor, Tensor]:
-    """Map crop coordinates to source coordinates; also return where they fall inside the image."""
-    raw = offset[:, None] - pad + torch.arange(size, device=offset.device)
-    inside = (raw >= 0) & (raw < size)
-    if pad_mode == "reflect":
-        # Reflection about the edge pixel, without repeating it (torchvision's "reflect").
-        mapped = torch.where(raw < 0, -raw, raw)
-        mapped = torch.where(mapped >= size, 2 * (size - 1) - mapped, mapped)
-    else:
-        mapped = raw.clamp(0, size - 1)
-    return mapped, inside
+def _training_rows(
+    available: int, held: Tensor, batch_size: int, train_limit: int | None
+) -> Tensor | None:
+    """Indices of the training images trained on (None for all of them, in order)."""
+    left = available - len(held)
+    where = f" left after the {len(held)} held out for validation" if len(held) else ""
+    if train_limit is not None and not batch_size <= train_limit <= left:
+        raise HooktrainError(
+            f"Train limit {train_limit} must be between the batch size {batch_size} and the "
+            f"{left} training images{where}; pass a train limit in that range."
+        )
+    if train_limit is None and left < batch_size:
+        raise HooktrainError(
+            f"Batch size {batch_size} is larger than the {left} training images; "
+            "pass a smaller batch size."
+        )
+    rest = None
+    if len(held):
+        kept = torch.ones(available, dtype=torch.bool)
+        kept[held] = False
+        rest = kept.nonzero().squeeze(1)
+    if train_limit is None:
+        return rest
+    subset = torch.randperm(left, generator=torch.Generator().manual_seed(SUBSET_SEED))
+    subset = subset[:train_limit]
+    return subset if rest is None else rest[subset]
 
 
-def _crop_flip_gather(
-    source: Tensor,
-    index: Tensor,
-    top: Tensor,
-    left: Tensor,
-    flip: Tensor,
-    pad: int,
-    pad_mode: str,
-) -> Tensor:
-    """crop_flip of `source[index]`, reading straight from `source` to skip a batch copy.
+def _chains(split: Split, augment: Sequence[Augmentation]) -> tuple[Chain, Chain]:
+    """The training chain and the evaluation chain (its deterministic pieces) for `split`.
 
-    Callers check `pad` and `pad_mode` once (crop_flip per call, DeviceData at construction),
-    keeping the check out of the per-batch path.
+    Images get a Normalize to [0, 1] (mean 0, std 1) where the chain does not end with one.
     """
-    height, width = source.shape[1], source.shape[2]
-    rows, rows_inside = _source_indices(top, pad, height, pad_mode)
-    raw_cols, cols_inside = _source_indices(left, pad, width, pad_mode)
-    flip = flip[:, None]
-    cols = torch.where(flip, raw_cols.flip(1), raw_cols)
-    out = source[index[:, None, None], rows[:, :, None], cols[:, None, :]]
-    if pad_mode == "zeros":
-        cols_inside = torch.where(flip, cols_inside.flip(1), cols_inside)
-        inside = rows_inside[:, :, None] & cols_inside[:, None, :]
-        out = torch.where(inside[..., None], out, 0)
-    return out
+    shape = tuple(split.inputs.shape[1:])
+    if not split.is_image:
+        if augment:
+            raise HooktrainError(
+                f"Augmentation works on images, but these inputs are {split.inputs.dtype} "
+                f"features of shape {shape}; drop the augmentation pieces for this data."
+            )
+        chain = Chain((), shape)
+        return chain, chain
+    pieces = tuple(augment)
+    if not pieces or not isinstance(pieces[-1], Normalize):
+        channels = shape[2]
+        pieces += (Normalize((0.0,) * channels, (1.0,) * channels),)
+    chain = Chain(pieces, shape)
+    return chain, chain.for_evaluation()
 
 
-def crop_flip(
-    images: Tensor, top: Tensor, left: Tensor, flip: Tensor, pad: int, pad_mode: str
-) -> Tensor:
-    """Pad by `pad`, crop HxW at (top, left), then mirror where `flip`; uint8 NHWC in and out.
-
-    Equals pad -> crop -> horizontal flip per sample, but gathers every output pixel straight
-    from `images` in one indexing call, with no padded copy, no per-sample loop and no host sync.
-    """
-    _check_pad(pad, pad_mode, min(images.shape[1:3]))
-    index = torch.arange(images.shape[0], device=images.device)
-    return _crop_flip_gather(images, index, top, left, flip, pad, pad_mode)
-
-
-def normalize(images: Tensor, mean: Tensor, std: Tensor, channels_last: bool) -> Tensor:
-    """uint8 NHWC -> float32 NCHW `(x / 255 - mean) / std`, with per-channel mean and std."""
-    x = images.to(torch.float32).div_(255).sub_(mean).div_(std)
-    x = x.permute(0, 3, 1, 2)
-    # The permuted NHWC buffer already is channels_last; only plain NCHW needs a copy.
-    return x if channels_last else x.contiguous()
+def _on(split: Split, rows: Tensor | None, device: torch.device) -> Split:
+    inputs, targets = split.inputs, split.targets
+    if rows is not None:
+        inputs, targets = inputs[rows], targets[rows]
+    return Split(inputs.contiguous().to(device), targets.to(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,124 +240,100 @@ def normalize(images: Tensor, mean: Tensor, std: Tensor, channels_last: bool) ->
 
 
 class DeviceData:
-    """The whole dataset on one device as uint8, served as augmented, normalized batches."""
+    """A whole data set on one device, served as augmented training batches and plain
+    evaluation batches.
+
+    Images (uint8 NHWC) go through the `augment` chain, which ends with a Normalize (one to
+    [0, 1] is added where it does not); evaluation applies its deterministic pieces only.
+    Other inputs (floating point features) are served as float32, unaugmented. `val_split`
+    holds out that fraction of the training split as a validation split.
+    """
 
     device: torch.device
     batch_size: int
     shard: int
     shards: int
     eval_batch_size: int
-    pad: int
-    pad_mode: str
-    flip: bool
     channels_last: bool
-    classes: tuple[str, ...]
+    augment: tuple[Augmentation, ...]
+    train: Split
+    val: Split
+    test: Split
     n_train: int
+    n_val: int
     n_test: int
     steps_per_epoch: int
-    mean: Tensor
-    std: Tensor
-    train_images: Tensor
-    train_labels: Tensor
-    test_images: Tensor
-    test_labels: Tensor
 
     def __init__(
         self,
-        dataset: ImageDataset,
+        splits: Splits,
         device: torch.device,
         batch_size: int,
-        mean: tuple[float, float, float],
-        std: tuple[float, float, float],
-        pad: int = 4,
-        pad_mode: str = "reflect",
-        flip: bool = True,
+        augment: Sequence[Augmentation] = (),
+        *,
         channels_last: bool = False,
         train_limit: int | None = None,
+        val_split: float = 0.0,
         eval_batch_size: int = 1000,
         shard: int = 0,
         shards: int = 1,
     ) -> None:
-        available = len(dataset.train)
-        if batch_size < 1:
-            raise HooktrainError(f"Batch size must be at least 1, got {batch_size}.")
-        if batch_size % shards:
-            below = batch_size - batch_size % shards
-            above = below + shards
-            raise HooktrainError(
-                f"The batch size {batch_size} does not split evenly over {shards} processes; "
-                f"set batch_size to a multiple of {shards} (e.g. --set batch_size={above}"
-                f"{f' or {below}' if below else ''}) or start another number of processes."
-            )
-        if eval_batch_size < 1:
-            raise HooktrainError(f"Eval batch size must be at least 1, got {eval_batch_size}.")
-        if train_limit is not None and not batch_size <= train_limit <= available:
-            raise HooktrainError(
-                f"Train limit {train_limit} must be between the batch size {batch_size} and the "
-                f"{available} training images; pass a train limit in that range."
-            )
-        if train_limit is None and available < batch_size:
-            raise HooktrainError(
-                f"Batch size {batch_size} is larger than the {available} training images; "
-                "pass a smaller batch size."
-            )
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise HooktrainError(
-                f"Normalization needs 3 means and 3 positive stds, got mean={mean} std={std}."
-            )
-        _check_pad(pad, pad_mode, min(dataset.train.images.shape[1:3]))
+        _check_batch_sizes(batch_size, eval_batch_size, shards)
+        available = len(splits.train)
+        held = _held_out(available, val_split, batch_size)
+        rows = _training_rows(available, held, batch_size, train_limit)
+        self._chain, self._eval_chain = _chains(splits.train, augment)
 
         self.device = device = torch.device(device)
         self.batch_size = batch_size
         self.shard, self.shards = shard, shards
         self.eval_batch_size = eval_batch_size
-        self.pad = pad
-        self.pad_mode = pad_mode
-        self.flip = flip
         self.channels_last = channels_last
-        self.classes = dataset.classes
-
-        train_images, train_labels = dataset.train.images, dataset.train.labels
-        if train_limit is not None:
-            # A fixed seed, not the run's: the subset is part of the experiment, not its noise.
-            subset = torch.randperm(available, generator=torch.Generator().manual_seed(0))
-            subset = subset[:train_limit]
-            train_images, train_labels = train_images[subset], train_labels[subset]
-        self.train_images = train_images.contiguous().to(device)
-        self.train_labels = train_labels.to(device)
-        self.test_images = dataset.test.images.contiguous().to(device)
-        self.test_labels = dataset.test.labels.to(device)
-        self.n_train = self.train_labels.shape[0]
-        self.n_test = self.test_labels.shape[0]
+        self.augment = self._chain.pieces
+        self._classes = splits.classes
+        self.train = _on(splits.train, rows, device)
+        self.val = _on(splits.train, held, device)
+        self.test = _on(splits.test, None, device)
+        self.n_train, self.n_val, self.n_test = len(self.train), len(self.val), len(self.test)
         # Dropping the partial batch keeps one batch shape, so a compiled step never recompiles.
         self.steps_per_epoch = self.n_train // batch_size
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device)
 
     @property
-    def num_classes(self) -> int:
-        """Number of classes, i.e. the size of the model's output."""
-        return len(self.classes)
+    def classes(self) -> tuple[str, ...] | None:
+        """The class names, indexed by label; None for regression."""
+        return self._classes
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes; None for regression."""
+        return None if self.classes is None else len(self.classes)
+
+    @property
+    def num_outputs(self) -> int:
+        """The size of the model's output: one per class, or per regression target."""
+        if self.classes is not None:
+            return len(self.classes)
+        targets = self.train.targets
+        return targets.shape[1] if targets.ndim == 2 else 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One model input's shape: (C, H, W) for images after the chain, else (F,)."""
+        shape = self._chain.output_shape
+        return (shape[2], shape[0], shape[1]) if self.train.is_image else shape
 
     def epoch_plan(self, generator: torch.Generator) -> EpochPlan:
-        """Draw one epoch's order and augmentation from a CPU `generator`, then ship it once."""
+        """Draw one epoch's order, then each piece's draws, from a CPU `generator`; ship them
+        to the device in one copy."""
         n = self.n_train
         order = torch.randperm(n, generator=generator)
-        top = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
-        left = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
-        if self.flip:
-            flip = torch.randint(0, 2, (n,), generator=generator)
-        else:
-            flip = torch.zeros(n, dtype=torch.int64)
-        # One stacked tensor means one host-to-device copy per epoch.
-        packed = torch.stack([order, top, left, flip])
-        if self.device.type == "cuda":
-            packed = packed.pin_memory()
-        packed = packed.to(self.device, non_blocking=True)
-        return EpochPlan(order=packed[0], top=packed[1], left=packed[2], flip=packed[3].bool())
+        draws = self._chain.draw(generator, n)
+        shipped = iter(_ship([order, *(t for d in draws for t in d.values())], self.device))
+        order = next(shipped)
+        return EpochPlan(order, tuple({name: next(shipped) for name in d} for d in draws))
 
     def train_batch(self, plan: EpochPlan, index: int) -> tuple[Tensor, Tensor]:
-        """The `index`-th augmented training batch: (x float32 NCHW, y int64), on the device.
+        """The `index`-th augmented training batch: (model inputs, targets), on the device.
 
         A data-parallel process gets its shard of it: the `shard`-th of `shards` equal slices.
         """
@@ -304,30 +343,38 @@ class DeviceData:
         start = index * self.batch_size + self.shard * size
         batch = slice(start, start + size)
         order = plan.order[batch]
-        images = _crop_flip_gather(
-            self.train_images,
-            order,
-            plan.top[batch],
-            plan.left[batch],
-            plan.flip[batch],
-            self.pad,
-            self.pad_mode,
-        )
-        x = normalize(images, self.mean, self.std, self.channels_last)
-        return x, self.train_labels[order]
+        draws = [{name: t[batch] for name, t in d.items()} for d in plan.draws]
+        x = self._chain.apply(self.train.inputs, order, draws)
+        return self._model_input(x), self.train.targets[order]
 
-    def test_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """The whole test split in order, unaugmented, in batches of `eval_batch_size`.
+    def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
+        """The whole `split` ("test" or "val") in order, in batches of `eval_batch_size`, with
+        only the deterministic pieces applied.
 
         A data-parallel process gets every `shards`-th batch from its `shard`-th on; the
         processes' sums together cover the split.
         """
+        if split not in EVAL_SPLITS:
+            raise HooktrainError(f"Unknown evaluation split {split!r}; use 'test' or 'val'.")
+        data = self.test if split == "test" else self.val
+        no_draws = ({},) * len(self._eval_chain.pieces)
         step = self.eval_batch_size * self.shards
-        for start in range(self.shard * self.eval_batch_size, self.n_test, step):
+        for start in range(self.shard * self.eval_batch_size, len(data), step):
             end = start + self.eval_batch_size
-            x = normalize(self.test_images[start:end], self.mean, self.std, self.channels_last)
-            yield x, self.test_labels[start:end]
+            x = self._eval_chain.apply(data.inputs[start:end], None, no_draws)
+            yield self._model_input(x), data.targets[start:end]
 
     def denormalize(self, x: Tensor) -> Tensor:
-        """Undo `normalize` on NCHW (or CHW) input, clamped to [0, 1] for image grids."""
-        return (x * self.std[:, None, None] + self.mean[:, None, None]).clamp(0, 1)
+        """Undo the chain's Normalize on NCHW (or CHW) input, clamped to [0, 1] for grids."""
+        if not self.train.is_image:
+            raise HooktrainError("Only images can be denormalized; these inputs are features.")
+        normalize = self.augment[-1]
+        assert isinstance(normalize, Normalize)
+        return normalize.inverse(x)
+
+    def _model_input(self, x: Tensor) -> Tensor:
+        if not self.train.is_image:
+            return x.to(torch.float32)
+        # Normalize gives the NCHW view of an NHWC buffer: already channels_last.
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=memory_format)

@@ -1,100 +1,184 @@
-"""Folders of per-class images: listing, reading, decoding, and caching what was decoded.
+"""Folders of per-class images: listing, checking, decoding in chunks, caching what was decoded.
 
-Every file read here is one a user pointed at, so each way it can be wrong ends in one
-sentence naming it. Only regular files of a plausible size are opened (a FIFO named x.jpg
-would block forever, a link to /dev/zero never end). An image's header gives its size before
-any pixel is decoded, so a file claiming 100,000 x 100,000 pixels (a decompression bomb) is
-refused without allocating them. Every mode decodes to RGB: grayscale is repeated, alpha
-dropped, palettes and CMYK converted, 16-bit samples rounded to 8 bits as the PNG
-specification recommends.
+A data folder holds train/ and test/, each with one folder of images per class. Every file read
+here is one a user pointed at, so each way it can be wrong ends in one sentence naming it
+(reading one file safely is :mod:`hooktrain.data.image_files`). A folder is decoded once per
+way of decoding it (image size, resizing, grayscale) and cached under a key naming all three.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
-import re
-import stat
-import struct
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import attrs
 import torch
-from PIL import Image
 from torch import Tensor
 from torchvision.datasets.folder import find_classes
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2.functional import resize
 
-from hooktrain.data.cache import (
-    CACHE_FORMAT,
-    CacheDamaged,
-    default_cache_dir,
-    read_cache,
-    write_cache,
+from hooktrain.data.cache import decoded_cache_file, read_decoded, write_decoded
+from hooktrain.data.device import CIFAR10_CLASSES, IMAGE_SIZE, Split, Splits
+from hooktrain.data.image_files import (
+    IMAGE_ADVICE,
+    IMAGE_EXTENSIONS,
+    JPEG_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
+    decode_rgb,
+    header_size,
+    image_byte_limit,
+    luma,
+    quiet_torchvision_io,
+    read_regular_file,
 )
-from hooktrain.data.device import CIFAR10_CLASSES, IMAGE_SIZE, ImageDataset, ImageSplit
 from hooktrain.errors import HooktrainError, short_reason, shown
 
-__all__ = ["load_folders", "read_regular_file", "short_reason", "shown"]
+__all__ = ["has_split_folders", "load_cifar10_folders", "load_image_folder"]
 
 Echo = Callable[[str], None]
 
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
-_JPEG_EXTENSIONS = (".jpg", ".jpeg")
-_IMAGE_ADVICE = "remove or replace it"
-# A 32x32 image takes a few KB even with large metadata; a bigger file is something else.
-_MAX_IMAGE_BYTES = 4 << 20
 _DECODE_CHUNK = 1024
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Start-of-frame markers (0xC4, 0xC8 and 0xCC are other segments in that range).
-_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-# Markers without a length field: TEM, the restart markers, start and end of image.
-_JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xDA)})
-_TORCHVISION_IO_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
-# torchvision's errors begin with the C++ function, file and line: "decode_jpeg, /a/b.cpp:171, "
-_TORCHVISION_SOURCE = re.compile(r"^\w+, \S+:\d+, ")
+# One class would train a model to answer it always; two is the least a classifier tells apart.
+_MIN_CLASSES = 2
 
 
-def read_regular_file(path: str, what: str, limit: int, advice: str) -> bytes:
-    """The bytes of the regular file at ``path``, refusing anything else or anything huge.
+@attrs.frozen
+class _Decoding:
+    """How a folder's images become one uint8 (N, H, W, C) tensor, and which sizes it takes."""
 
-    Opened without blocking and checked on the open descriptor, so a FIFO or a device put
-    there (even after the folder was listed) is refused instead of read.
+    size: tuple[int, int] | None  # (height, width) of every image; None: the first image's
+    resize: bool  # resize other sizes to `size` (bilinear, antialiased) instead of refusing them
+    grayscale: bool  # one channel, Pillow's luma, instead of RGB
+    size_rule: str = ""  # why another size is refused: "CIFAR-10 images are 32x32"
+    size_advice: str = "remove or resize it"
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.grayscale else 3
+
+    def key(self) -> dict[str, Any]:
+        """What the cache keys on, as JSON values."""
+        size = None if self.size is None else list(self.size)
+        return {"size": size, "resize": self.resize, "grayscale": self.grayscale}
+
+    def described(self) -> str:
+        """How the images are changed while decoded, for the line announcing a decode."""
+        resized = f" resized to {self.size[1]}x{self.size[0]}" if self.resize and self.size else ""
+        return resized + (" in grayscale" if self.grayscale else "")
+
+
+_CIFAR10 = _Decoding(
+    (IMAGE_SIZE, IMAGE_SIZE), False, False, f"CIFAR-10 images are {IMAGE_SIZE}x{IMAGE_SIZE}"
+)
+
+
+def load_image_folder(
+    data_dir: Path | None,
+    *,
+    image_size: tuple[int, int] | None = None,
+    grayscale: bool = False,
+    echo: Echo = print,
+) -> Splits:
+    """Images in ``data_dir``/train/<class>/ and /test/<class>/ as uint8 (N, H, W, C) splits.
+
+    Classes are the train/ folder names, sorted (label i is the i-th name); test/ must hold the
+    same ones, and there must be at least two. Without ``image_size`` every image must have the
+    first image's size; with it ((height, width)) each is resized to it as it is decoded,
+    bilinear and antialiased. ``grayscale`` gives one channel (Pillow's ``convert("L")``
+    luma, taken after any resizing), else three (RGB). Decoded once, then read from the cache.
+    ``echo`` gets one line before a first decode, and warnings.
     """
-    try:
-        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(handle, "rb") as file:
-            info = os.fstat(handle)
-            if not stat.S_ISREG(info.st_mode):
-                raise HooktrainError(
-                    f"{what} {shown(path)} is {_file_kind(info.st_mode)}, not a regular file; "
-                    f"{advice}."
-                )
-            if info.st_size > limit:
-                raise HooktrainError(
-                    f"{what} {shown(path)} is {info.st_size:,} bytes, more than the {limit:,} a "
-                    f"real one takes; {advice}."
-                )
-            # Never more than the size checked, even if the file grows meanwhile.
-            return file.read(info.st_size)
-    except OSError as exc:
-        raise HooktrainError(f"Cannot read {shown(path)} ({short_reason(exc)}); {advice}.") from exc
+    if data_dir is None:
+        raise HooktrainError(
+            "Image-folder data has no default location; pass --data-dir pointing at a folder "
+            "holding train/ and test/ folders of class folders."
+        )
+    data_dir = Path(data_dir).expanduser()
+    size = _checked_image_size(image_size)
+    if not isinstance(grayscale, bool):
+        raise HooktrainError(f"grayscale must be True or False, got {grayscale!r}.")
+    if not data_dir.is_dir():
+        raise HooktrainError(
+            f"Image folder {shown(data_dir)} does not exist; pass a folder holding train/ and "
+            "test/ folders of class folders."
+        )
+    if not has_split_folders(data_dir):
+        raise HooktrainError(
+            f"{shown(data_dir)} has no train/ and test/ folders; put each class's images in "
+            f"{shown(data_dir / 'train')}/<class name>/ and {shown(data_dir / 'test')}/<class "
+            "name>/."
+        )
+    advice = "resize it, or pass image_size to resize every image as it is loaded"
+    decoding = _Decoding(size, size is not None, grayscale, size_advice=advice)
+    return _load(data_dir, decoding, cifar10=False, echo=echo)
 
 
-def _file_kind(mode: int) -> str:
-    """What a file that is not a regular one is, in a few words."""
-    kinds = {
-        stat.S_ISDIR: "a folder",
-        stat.S_ISFIFO: "a FIFO (named pipe)",
-        stat.S_ISCHR: "a character device",
-        stat.S_ISBLK: "a block device",
-        stat.S_ISSOCK: "a socket",
-    }
-    return next((kind for test, kind in kinds.items() if test(mode)), "a special file")
+def load_cifar10_folders(data_dir: Path, echo: Echo) -> Splits:
+    """CIFAR-10 as image folders: the ten classes' folders of 32x32 images, RGB."""
+    return _load(data_dir, _CIFAR10, cifar10=True, echo=echo)
+
+
+def has_split_folders(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds train/ and test/ folders; refuses one without the other."""
+    has_train = (data_dir / "train").is_dir()
+    has_test = (data_dir / "test").is_dir()
+    if has_train != has_test:
+        present, absent = ("train", "test") if has_train else ("test", "train")
+        raise HooktrainError(
+            f"{shown(data_dir)} has a {present}/ folder but no {absent}/ folder; add {absent}/ "
+            "with the same class folders, or pass --data-dir pointing at a complete copy."
+        )
+    return has_train
+
+
+def _checked_image_size(image_size: object) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    valid = (
+        isinstance(image_size, tuple | list)
+        and len(image_size) == 2
+        and all(type(side) is int and side >= 1 for side in image_size)
+    )
+    if not valid or image_size[0] * image_size[1] > MAX_IMAGE_PIXELS:  # type: ignore[index]
+        raise HooktrainError(
+            f"image_size must be (height, width) in pixels, each at least 1 and at most "
+            f"{MAX_IMAGE_PIXELS:,} pixels in all, got {image_size!r}; pass e.g. (32, 32)."
+        )
+    return image_size[0], image_size[1]  # type: ignore[index]
+
+
+def _load(data_dir: Path, decoding: _Decoding, cifar10: bool, echo: Echo) -> Splits:
+    """The dataset in ``data_dir``, from the cache when the files and the decoding are unchanged."""
+    train_classes = _list_classes(data_dir / "train")
+    test_classes = _list_classes(data_dir / "test")
+    _check_classes(data_dir, train_classes, test_classes, cifar10)
+    classes = tuple(train_classes)
+    listing, labels, digest = _list_images(data_dir, classes)
+    key = decoding.key()
+    cache_file = decoded_cache_file(digest, key)
+    cached = read_decoded(cache_file, classes, labels, key, echo)
+    if cached is not None:
+        return cached
+
+    total = sum(len(files) for files in listing.values())
+    echo(
+        f"decoding {total:,} images from {shown(data_dir)}{decoding.described()} "
+        f"(once; cached in {shown(cache_file.parent)})"
+    )
+    decoding = _resolved(decoding, listing["train"][0])
+    _check_memory(data_dir, total, decoding)
+    dataset = Splits(
+        Split(_decode_files(listing["train"], decoding), labels["train"]),
+        Split(_decode_files(listing["test"], decoding), labels["test"]),
+        classes,
+    )
+    write_decoded(cache_file, dataset, key, echo)
+    return dataset
 
 
 # --- listing ---------------------------------------------------------------------------------
@@ -133,7 +217,7 @@ def _scan_images(folder: Path, relative: str) -> list[_ImageFile]:
                         continue
                     if entry.is_dir():
                         pending.append((entry.path, f"{prefix}/{name}"))
-                    elif name.lower().endswith(_IMAGE_EXTENSIONS):
+                    elif name.lower().endswith(IMAGE_EXTENSIONS):
                         info = entry.stat()
                         relative_name = f"{prefix}/{name}"
                         found.append(
@@ -142,13 +226,13 @@ def _scan_images(folder: Path, relative: str) -> list[_ImageFile]:
     except OSError as exc:  # a dangling link, a link loop, an unreadable folder
         raise HooktrainError(
             f"Cannot read {shown(exc.filename or folder)} "
-            f"({exc.strerror or short_reason(exc)}); {_IMAGE_ADVICE}."
+            f"({exc.strerror or short_reason(exc)}); {IMAGE_ADVICE}."
         ) from exc
     found.sort(key=lambda f: f.relative)
     return found
 
 
-def _check_classes(data_dir: Path, train: list[str], test: list[str]) -> None:
+def _check_classes(data_dir: Path, train: list[str], test: list[str], cifar10: bool) -> None:
     def listed(names: set[str]) -> str:
         return ", ".join(shown(name) for name in sorted(names)) or "none"
 
@@ -158,63 +242,31 @@ def _check_classes(data_dir: Path, train: list[str], test: list[str]) -> None:
             f"train/: {listed(set(train) - set(test))}; only in test/: "
             f"{listed(set(test) - set(train))}); make both hold the same class folders."
         )
-    if len(train) != len(CIFAR10_CLASSES):
+    if cifar10 and len(train) != len(CIFAR10_CLASSES):
         raise HooktrainError(
             f"{shown(data_dir)} has {len(train)} class folders but CIFAR-10 has "
             f"{len(CIFAR10_CLASSES)} (extra: {listed(set(train) - set(CIFAR10_CLASSES))}; "
             f"missing: {listed(set(CIFAR10_CLASSES) - set(train))}); keep exactly one folder "
             "per CIFAR-10 class in train/ and test/."
         )
-
-
-def load_folders(data_dir: Path, echo: Echo) -> ImageDataset:
-    """The dataset in ``data_dir``/train and /test, from the cache when the files are unchanged.
-
-    ``echo`` gets one line before a first decode (seconds for 60,000 files) and warnings.
-    """
-    train_classes = _list_classes(data_dir / "train")
-    test_classes = _list_classes(data_dir / "test")
-    _check_classes(data_dir, train_classes, test_classes)
-    classes = tuple(train_classes)
-    listing, labels, key = _list_images(data_dir, classes)
-    cache_file = default_cache_dir() / "decoded" / f"{key}.pt"
-    cached = _read_cached(cache_file, classes, labels, echo)
-    if cached is not None:
-        return cached
-
-    total = sum(len(files) for files in listing.values())
-    echo(
-        f"decoding {total:,} images from {shown(data_dir)} "
-        f"(once; cached in {shown(cache_file.parent)})"
-    )
-    dataset = ImageDataset(
-        ImageSplit(_decode_files(listing["train"]), labels["train"]),
-        ImageSplit(_decode_files(listing["test"]), labels["test"]),
-        classes,
-    )
-    payload = {"classes": list(classes)}
-    for split, part in (("train", dataset.train), ("test", dataset.test)):
-        payload[f"{split}_images"], payload[f"{split}_labels"] = part.images, part.labels
-    try:
-        write_cache(cache_file, payload)
-    except (OSError, RuntimeError) as exc:
-        echo(
-            f"warning: cannot cache the decoded images in {shown(cache_file.parent)} "
-            f"({short_reason(exc)}); the next run decodes them again"
+    if len(train) < _MIN_CLASSES:
+        raise HooktrainError(
+            f"{shown(data_dir)} has {len(train)} class folder ({listed(set(train))}) but a "
+            f"classifier needs at least {_MIN_CLASSES}; add a folder of images per class to "
+            "train/ and test/."
         )
-    return dataset
 
 
 def _list_images(
     data_dir: Path, classes: tuple[str, ...]
 ) -> tuple[dict[str, list[_ImageFile]], dict[str, Tensor], str]:
-    """Each split's image files and labels, and a key naming this listing in the cache.
+    """Each split's image files and labels, and a digest naming this listing in the cache.
 
-    The key hashes every file's name, size and modification time: any change decodes again.
+    The digest hashes every file's name, size and modification time: any change decodes again.
     """
     listing: dict[str, list[_ImageFile]] = {}
     labels: dict[str, Tensor] = {}
-    digest = hashlib.sha256(CACHE_FORMAT.encode())
+    digest = hashlib.sha256()
     for split in ("train", "test"):
         listing[split], split_labels = [], []
         for label, name in enumerate(classes):
@@ -222,7 +274,7 @@ def _list_images(
             if not files:
                 raise HooktrainError(
                     f"Class folder {shown(data_dir / split / name)} has no images "
-                    f"({', '.join(_IMAGE_EXTENSIONS)}); add its images to it."
+                    f"({', '.join(IMAGE_EXTENSIONS)}); add its images to it."
                 )
             listing[split].extend(files)
             split_labels.append(torch.full((len(files),), label))
@@ -233,144 +285,106 @@ def _list_images(
     return listing, labels, digest.hexdigest()
 
 
-def _read_cached(
-    path: Path, classes: tuple[str, ...], labels: dict[str, Tensor], echo: Echo
-) -> ImageDataset | None:
-    """The cached dataset, if there is one, intact and matching the folder's classes and
-    labels exactly; a damaged one is reported and passed over."""
-    try:
-        payload = read_cache(path)
-        if payload is None:
-            return None
-        splits = {}
-        for split in ("train", "test"):
-            images, cached_labels = payload[f"{split}_images"], payload[f"{split}_labels"]
-            splits[split] = ImageSplit(images, cached_labels)
-            if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-                raise ValueError(f"the {split} images are not 32x32 RGB")
-            if not torch.equal(cached_labels, labels[split]):
-                raise ValueError(f"the {split} labels are not the folder's")
-        if tuple(payload["classes"]) != classes:
-            raise ValueError("the classes are not the folder's")
-        return ImageDataset(splits["train"], splits["test"], classes)
-    except (CacheDamaged, AttributeError, KeyError, TypeError, ValueError):
-        echo(f"warning: the decoded cache {shown(path)} was damaged; decoding the images again")
-        return None
-
-
 # --- reading and decoding ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _quiet_torchvision_io() -> Iterator[None]:
-    """torchvision 0.29 deprecates its image codecs (for TorchCodec) and warns on every call;
-    they still work, and one warning per image would bury everything else."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", _TORCHVISION_IO_DEPRECATION, DeprecationWarning)
-        yield
+def _resolved(decoding: _Decoding, first: _ImageFile) -> _Decoding:
+    """``decoding`` with its size: the first image's (from its header) when none was given."""
+    if decoding.size is not None:
+        return decoding
+    _, (width, height) = _read_image(first, decoding)
+    rule = f"{shown(first.path)}, the first image, is {width}x{height}"
+    return attrs.evolve(decoding, size=(height, width), size_rule=rule)
 
 
-def _decode_files(files: list[_ImageFile]) -> Tensor:
-    """Decode `files` into one uint8 (N, 32, 32, 3) tensor."""
-    out = torch.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8)
-    with _quiet_torchvision_io():
+def _check_memory(data_dir: Path, count: int, decoding: _Decoding) -> None:
+    """Refuse a decode that cannot fit in this machine's memory before allocating it."""
+    assert decoding.size is not None
+    height, width = decoding.size
+    needed = count * height * width * decoding.channels
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise HooktrainError(
+            f"The {count:,} images in {shown(data_dir)} take {needed / 2**30:,.1f} GiB decoded at "
+            f"{width}x{height}, more than the {memory / 2**30:,.1f} GiB of memory here; load "
+            "fewer images, or pass a smaller image_size."
+        )
+
+
+def _decode_files(files: list[_ImageFile], decoding: _Decoding) -> Tensor:
+    """Decode `files` into one uint8 (N, H, W, C) tensor; ``decoding`` has its size."""
+    assert decoding.size is not None
+    out = torch.empty((len(files), *decoding.size, decoding.channels), dtype=torch.uint8)
+    with quiet_torchvision_io():
         for start in range(0, len(files), _DECODE_CHUNK):
             chunk = files[start : start + _DECODE_CHUNK]
-            out[start : start + len(chunk)] = _decode_chunk(chunk)
+            out[start : start + len(chunk)] = _decode_chunk(chunk, decoding)
     return out
 
 
-def _decode_chunk(chunk: list[_ImageFile]) -> Tensor:
-    datas = [_read_image(f) for f in chunk]
+def _decode_chunk(chunk: list[_ImageFile], decoding: _Decoding) -> Tensor:
+    datas = [_read_image(f, decoding)[0] for f in chunk]
     decoded = None
-    if all(f.relative.lower().endswith(_JPEG_EXTENSIONS) for f in chunk):
+    if all(f.relative.lower().endswith(JPEG_EXTENSIONS) for f in chunk):
         # One call for a list of JPEGs is measurably faster than one call per image.
         try:
             decoded = decode_jpeg(datas, mode=ImageReadMode.RGB)
         except (RuntimeError, ValueError):
             decoded = None  # decode one by one below to name the bad file
     if decoded is None:
-        decoded = [_decode_one(f, d) for f, d in zip(chunk, datas, strict=True)]
-    for file, image in zip(chunk, decoded, strict=True):
-        _check_size(file, image.shape[2], image.shape[1])
-    return torch.stack(decoded).permute(0, 2, 3, 1)
+        decoded = [decode_rgb(f.path, d) for f, d in zip(chunk, datas, strict=True)]
+    fitted = [_fit(f, image, decoding) for f, image in zip(chunk, decoded, strict=True)]
+    images = torch.stack(fitted)
+    if decoding.grayscale:
+        images = luma(images)
+    return images.permute(0, 2, 3, 1)
 
 
-def _read_image(file: _ImageFile) -> Tensor:
-    """The bytes of one image file, once its header says it is a 32x32 image."""
-    data = read_regular_file(file.path, "Image", _MAX_IMAGE_BYTES, _IMAGE_ADVICE)
+def _fit(file: _ImageFile, image: Tensor, decoding: _Decoding) -> Tensor:
+    """A decoded (3, H, W) image at the decoding's size: as it is, resized, or refused."""
+    height, width = image.shape[1], image.shape[2]
+    if (height, width) == decoding.size:
+        return image
+    if not decoding.resize:  # the decoder found another size than the header gave
+        raise _wrong_size(file, width, height, decoding)
+    size = list(decoding.size)  # type: ignore[arg-type]
+    return resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def _read_image(file: _ImageFile, decoding: _Decoding) -> tuple[Tensor, tuple[int, int]]:
+    """The bytes of one image file and its (width, height), once its header says it has a size
+    ``decoding`` takes and its byte count fits that size."""
+    fixed = decoding.size is not None and not decoding.resize
+    pixels = decoding.size[0] * decoding.size[1] if fixed else MAX_IMAGE_PIXELS  # type: ignore[index]
+    data = read_regular_file(file.path, "Image", image_byte_limit(pixels), IMAGE_ADVICE)
     if not data:
-        raise HooktrainError(f"Image {shown(file.path)} is an empty file; {_IMAGE_ADVICE}.")
-    size = _header_size(data)
+        raise HooktrainError(f"Image {shown(file.path)} is an empty file; {IMAGE_ADVICE}.")
+    size = header_size(data)
     if size is None:
         raise HooktrainError(
             f"Cannot decode image {shown(file.path)} (it has no PNG, JPEG, GIF or WebP header "
-            f"giving its size); {_IMAGE_ADVICE}."
+            f"giving its size); {IMAGE_ADVICE}."
         )
     # Checked before decoding, so a file claiming 10**5 x 10**5 pixels is never decoded.
-    _check_size(file, *size)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def _check_size(file: _ImageFile, width: int, height: int) -> None:
-    if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
+    width, height = size
+    if fixed and (height, width) != decoding.size:
+        raise _wrong_size(file, width, height, decoding)
+    if width * height > MAX_IMAGE_PIXELS:
         raise HooktrainError(
-            f"Image {shown(file.path)} is {width}x{height} pixels but CIFAR-10 images are "
-            f"{IMAGE_SIZE}x{IMAGE_SIZE}; remove or resize it."
+            f"Image {shown(file.path)} is {width}x{height} pixels, more than the "
+            f"{MAX_IMAGE_PIXELS:,} an image may have; {IMAGE_ADVICE} with a smaller one."
         )
-
-
-def _decode_one(file: _ImageFile, data: Tensor) -> Tensor:
-    """Decode any image torchvision reads into uint8 RGB (3, H, W)."""
-    try:
-        image = decode_image(data, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as exc:
-        reason = _TORCHVISION_SOURCE.sub("", short_reason(exc))
+    limit = image_byte_limit(width * height)
+    if len(data) > limit:
         raise HooktrainError(
-            f"Cannot decode image {shown(file.path)} ({reason}); {_IMAGE_ADVICE}."
-        ) from exc
-    if image.dtype == torch.uint16:
-        # 16-bit PNGs: round(v * 255 / 65535) = round(v / 257), the PNG specification's scaling.
-        image = ((image.to(torch.int32) + 128) // 257).to(torch.uint8)
-    return image
+            f"Image {shown(file.path)} is {len(data):,} bytes, more than the {limit:,} a "
+            f"{width}x{height} image takes; {IMAGE_ADVICE}."
+        )
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) as the file's header gives them, or None when it has no image header.
-
-    PNG and JPEG headers are read here (cheaply: 60,000 files); other formats by Pillow,
-    which reads the header only.
-    """
-    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
-        width, height = struct.unpack_from(">II", data, 16)
-        return width, height
-    if data.startswith(b"\xff\xd8"):
-        size = _jpeg_frame_size(data)
-        if size is not None:
-            return size
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-    except Exception:  # Pillow raises many kinds for bytes that are not an image
-        return None
-
-
-def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's start-of-frame segment, walking the segments before it."""
-    position = 2
-    while position + 9 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # a fill byte before the marker
-            position += 1
-        elif marker in _JPEG_FRAME_MARKERS:
-            height, width = struct.unpack_from(">HH", data, position + 5)
-            return width, height
-        elif marker in _JPEG_STANDALONE_MARKERS:
-            position += 2
-        else:
-            position += 2 + struct.unpack_from(">H", data, position + 2)[0]
-    return None
+def _wrong_size(file: _ImageFile, width: int, height: int, decoding: _Decoding) -> HooktrainError:
+    return HooktrainError(
+        f"Image {shown(file.path)} is {width}x{height} pixels but {decoding.size_rule}; "
+        f"{decoding.size_advice}."
+    )

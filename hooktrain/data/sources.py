@@ -3,7 +3,8 @@
 The official batches are pickles, and unpickling runs whatever a pickle asks for and builds
 whatever it describes: the reader here walks a batch's opcodes before unpickling it, refusing
 objects nested too deep or containers reused, and then rebuilds only numpy arrays. Image
-folders are read by :mod:`hooktrain.data.image_folders`.
+folders are read by :mod:`hooktrain.data.image_folders` (with the CIFAR-10 checks: ten class
+folders, 32x32 images), which also reads folders of any classes and size.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 import torchvision
 
 from hooktrain.data.cache import xdg_cache_home
-from hooktrain.data.device import CIFAR10_CLASSES, IMAGE_SIZE, ImageDataset, ImageSplit
-from hooktrain.data.image_folders import load_folders, read_regular_file
+from hooktrain.data.device import CIFAR10_CLASSES, IMAGE_SIZE, Split, Splits
+from hooktrain.data.image_files import read_regular_file
+from hooktrain.data.image_folders import has_split_folders, load_cifar10_folders
 from hooktrain.errors import HooktrainError, short_reason, shown
 
 __all__ = ["default_data_dir", "load_cifar10"]
@@ -53,7 +55,7 @@ def default_data_dir() -> Path:
 # Loading
 
 
-def load_cifar10(data_dir: Path | None, echo: Callable[[str], None] = print) -> ImageDataset:
+def load_cifar10(data_dir: Path | None, echo: Callable[[str], None] = print) -> Splits:
     """Load CIFAR-10 from `data_dir`, or from `default_data_dir()` (downloading it) when None.
 
     ``echo`` gets one line before a long first decode of image folders, and warnings.
@@ -75,7 +77,7 @@ def load_cifar10(data_dir: Path | None, echo: Callable[[str], None] = print) -> 
     return loaded
 
 
-def _load_default(echo: Callable[[str], None]) -> ImageDataset:
+def _load_default(echo: Callable[[str], None]) -> Splits:
     data_dir = default_data_dir()
     loaded = _load_if_present(data_dir, echo) if data_dir.is_dir() else None
     if loaded is not None:
@@ -97,21 +99,13 @@ def _load_default(echo: Callable[[str], None]) -> ImageDataset:
     return loaded
 
 
-def _load_if_present(data_dir: Path, echo: Callable[[str], None]) -> ImageDataset | None:
+def _load_if_present(data_dir: Path, echo: Callable[[str], None]) -> Splits | None:
     """Load whichever layout `data_dir` holds; None when it holds neither."""
     batches = _find_batches_dir(data_dir)
     if batches is not None:
         return _load_batches(batches)
-    has_train = (data_dir / "train").is_dir()
-    has_test = (data_dir / "test").is_dir()
-    if has_train and has_test:
-        return load_folders(data_dir, echo)
-    if has_train or has_test:
-        present, absent = ("train", "test") if has_train else ("test", "train")
-        raise HooktrainError(
-            f"{shown(data_dir)} has a {present}/ folder but no {absent}/ folder; add {absent}/ "
-            "with the same class folders, or pass --data-dir pointing at a complete copy."
-        )
+    if has_split_folders(data_dir):
+        return load_cifar10_folders(data_dir, echo)
     return None
 
 
@@ -310,15 +304,15 @@ def _read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return data, label_array
 
 
-def _load_batches(folder: Path) -> ImageDataset:
+def _load_batches(folder: Path) -> Splits:
     classes = _read_meta(folder / _META)
 
-    def split(names: tuple[str, ...]) -> ImageSplit:
+    def split(names: tuple[str, ...]) -> Split:
         parts = [_read_batch(folder / name, len(classes)) for name in names]
         data = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         # Rows are CHW planes; NHWC is what the augmentation gathers from.
         chw = torch.from_numpy(data).view(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
-        return ImageSplit(chw.permute(0, 2, 3, 1).contiguous(), torch.from_numpy(labels))
+        return Split(chw.permute(0, 2, 3, 1).contiguous(), torch.from_numpy(labels))
 
-    return ImageDataset(split(_TRAIN_BATCHES), split((_TEST_BATCH,)), classes)
+    return Splits(split(_TRAIN_BATCHES), split((_TEST_BATCH,)), classes)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
+from hooktrain.errors import HooktrainError
 from hooktrain.models.layers import Dropout, Residual, Scale, conv_bn_relu
 
 
 def resnet9(
     num_classes: int = 10,
+    in_channels: int = 3,
     width: int = 64,
     dropout: float = 0.0,
     conv_bias: bool = True,
@@ -21,6 +25,10 @@ def resnet9(
     biases (``conv_bias=False``: batch norm cancels them, so their gradient is zero) and scale
     the logits down (``logit_scale=0.125``), which keeps early training from overconfidence.
     """
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise HooktrainError(f"model.width must be a whole number of 1 or more, not {width!r}.")
+    if not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise HooktrainError(f"model.logit_scale must be above 0 and finite, not {logit_scale!r}.")
     w = width
 
     def block(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
@@ -35,7 +43,7 @@ def resnet9(
     if logit_scale != 1:
         head.append(Scale(logit_scale))
     return nn.Sequential(
-        block(3, w),
+        block(in_channels, w),
         block(w, 2 * w, pool=True),
         Residual(nn.Sequential(block(2 * w, 2 * w), block(2 * w, 2 * w))),
         block(2 * w, 4 * w, pool=True),

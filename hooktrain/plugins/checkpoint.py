@@ -37,27 +37,55 @@ class Checkpoint(Plugin):
     ``every_steps`` also saves it every that many steps inside epochs (0: never), so a killed
     run loses at most that many steps; resume continues mid-epoch exactly. Before last.pt is
     replaced, the one it held becomes previous.pt, the fallback if last.pt is ever damaged.
-    best.pt is the state with the best test accuracy. A state whose parameters are not finite
-    is never saved. A save that fails (a full disk) is reported and retried at the next save;
-    the files already there stay intact.
+    best.pt is the state with the best ``best_by`` metric: ``auto`` is the task's target metric
+    on validation with a ``val_split``, else on test (``run.chosen_by``: ``val_accuracy``,
+    ``test_accuracy``, ``test_mse``), better as the task says. A state whose parameters are
+    not finite is never saved. A save that fails (a full disk) is reported and retried at the
+    next save; the files already there stay intact.
     """
 
     default_name = "checkpoint"
     main_process_only = True
     every: int = setting(1, lambda v: v >= 1, "at least 1")
     every_steps: int = setting(0, lambda v: v >= 0, "0 (off) or more")
-    best_accuracy: float = attrs.field(default=-1.0, init=False)
+    best_by: str = "auto"
+    best_score: float | None = attrs.field(default=None, init=False)
     _failure: str | None = attrs.field(default=None, init=False)
     _saved_step: int = attrs.field(default=-1, init=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_accuracy": self.best_accuracy}
+        return {"best_score": self.best_score}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_accuracy = float(state.get("best_accuracy", -1.0))
+        score = state.get("best_score")
+        self.best_score = None if score is None else float(score)
+
+    def _metric(self, run: RunContext) -> str:
+        return run.chosen_by if self.best_by == "auto" else self.best_by
+
+    def _improved(self, run: RunContext, report: EpochReport) -> bool:
+        name = self._metric(run)
+        score = report.metrics[name]
+        if score != score:  # NaN is never the best
+            return False
+        metric = name.partition("_")[2]
+        if metric == run.task.target_metric:
+            higher = run.task.higher_is_better
+        else:  # the built-in tasks' other metrics: errors and losses fall as a model improves
+            higher = metric not in ("loss", "mse", "mae")
+        return self.best_score is None or (
+            score > self.best_score if higher else score < self.best_score
+        )
 
     @hookimpl
     def hooktrain_fit_start(self, run: RunContext, state: TrainState) -> None:
+        splits = ("val", "test") if run.recipe.val_split else ("test",)
+        reported = [f"{split}_{name}" for split in splits for name in run.task.metric_names]
+        if self._metric(run) not in reported:
+            raise HooktrainError(
+                f"{self.name}.best_by is {self.best_by!r}, which this run does not report; "
+                f"choose auto or one of {', '.join(reported)} with --set {self.name}.best_by=NAME."
+            )
         self._saved_step = state.step
         remove_stale_temp_files(self._folder(run))
 
@@ -74,13 +102,13 @@ class Checkpoint(Plugin):
 
     @hookimpl(trylast=True)
     def hooktrain_epoch_end(self, run: RunContext, state: TrainState, report: EpochReport) -> None:
-        improved = report.test_accuracy > self.best_accuracy
+        improved = self._improved(run, report)
         due = state.epoch % self.every == 0 or state.epoch == run.recipe.epochs
         if not (improved or due) or not self._savable(run, state):
             return
         best_saved = False
         if improved:
-            self.best_accuracy = report.test_accuracy
+            self.best_score = report.metrics[self._metric(run)]
             # best.pt first: a process killed between the two files leaves the best state on
             # disk and last.pt one save behind (resume redoes those steps), never a stale best.
             best_saved = self._save(run, state, BEST)

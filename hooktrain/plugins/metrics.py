@@ -16,7 +16,8 @@ from torchvision.utils import make_grid
 from tqdm import autonotebook, std
 from tqdm.auto import tqdm
 
-from hooktrain.core.context import EpochReport, RunContext
+from hooktrain.config.registry import FIELDS
+from hooktrain.core.context import EpochReport, RunContext, metric_text
 from hooktrain.core.hookspecs import hookimpl
 from hooktrain.core.plugin import Plugin, setting
 from hooktrain.core.state import TrainState
@@ -25,7 +26,6 @@ from hooktrain.run.files import METRICS_FILE, TENSORBOARD_FOLDER, atomic_write
 # Step metrics logged as their value at the logged step; the others as means over the window.
 AT_STEP = frozenset({"lr"})
 # The HPARAMS tab shows each run's latest value of these curves, so a stopped run has them too.
-HPARAM_METRICS = ("test/accuracy", "test/loss")
 # Where output is a log file rather than a terminal, the bar prints a line this often at most.
 LOG_INTERVAL = 30.0
 # Bars of runs that failed stay open (no hook tells a plugin of a failure): the next run closes
@@ -38,7 +38,16 @@ def _hparams(config: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
 
     A plugin's presence reads ``"on"``, so a tag that says ``"off"`` compares with it.
     """
-    flat: dict[str, Any] = dict(config["recipe"])
+    flat: dict[str, Any] = {}
+    for key, value in config["recipe"].items():
+        references = value if key == "augment" else [value] if key in FIELDS else None
+        if references is None:
+            flat[key] = value
+            continue
+        flat[key] = ",".join(ref["label" if key == "augment" else "factory"] for ref in references)
+        for ref in references:
+            prefix = f"{key}.{ref['label']}" if key == "augment" else key
+            flat.update({f"{prefix}.{name}": arg for name, arg in ref["args"].items()})
     for plugin in config["plugins"]:
         flat[plugin["name"]] = "on"
         for key, value in plugin["settings"].items():
@@ -91,24 +100,26 @@ def _echo(run: RunContext, line: str) -> None:
 
 def _is_epoch_record(record: Any) -> bool:
     """Whether ``record`` is what :meth:`EpochReport.to_dict` writes: its fields, as numbers."""
-    fields = [field.name for field in attrs.fields(EpochReport)]
     return (
         isinstance(record, dict)
-        and list(record) == fields
+        and list(record)[:3] == ["epoch", "step", "train_loss"]
+        and list(record)[-1] == "seconds"
+        and all(isinstance(k, str) for k in record)
         and all(isinstance(v, int | float) and not isinstance(v, bool) for v in record.values())
     )
 
 
 def _log_start(writer: SummaryWriter, run: RunContext) -> None:
     """What a run's TensorBoard shows from its start: a batch, the config, its hparams."""
-    plan = run.data.epoch_plan(torch.Generator().manual_seed(run.recipe.seed))
-    images, _ = run.data.train_batch(plan, 0)
-    grid = make_grid(run.data.denormalize(images[:64]).float().cpu(), nrow=8)
-    writer.add_image("train/augmented_batch", grid, 0)
+    if run.data.train.is_image:
+        plan = run.data.epoch_plan(torch.Generator().manual_seed(run.recipe.seed))
+        images, _ = run.data.train_batch(plan, 0)
+        grid = make_grid(run.data.denormalize(images[:64]).float().cpu(), nrow=8)
+        writer.add_image("train/augmented_batch", grid, 0)
     writer.add_text("config", f"```\n{json.dumps(run.config, indent=2)}\n```", 0)
     # At the start, so a run stopped or killed before its end is in the HPARAMS tab.
     experiment, session_start, _ = hparams(
-        _hparams(run.config, run.tags), dict.fromkeys(HPARAM_METRICS)
+        _hparams(run.config, run.tags), dict.fromkeys(f"test/{m}" for m in run.task.metric_names)
     )
     writer.file_writer.add_summary(experiment)
     writer.file_writer.add_summary(session_start)
@@ -122,8 +133,9 @@ def _log_train(writer: SummaryWriter, figures: dict[str, float], step: int) -> N
 
 def _log_epoch(writer: SummaryWriter, report: EpochReport, step: int) -> None:
     writer.add_scalar("epoch/train_loss", report.train_loss, step)
-    writer.add_scalar("test/loss", report.test_loss, step)
-    writer.add_scalar("test/accuracy", report.test_accuracy, step)
+    for name, value in report.metrics.items():  # test_accuracy -> test/accuracy
+        split, _, metric = name.partition("_")
+        writer.add_scalar(f"{split}/{metric}", value, step)
     writer.add_scalar("epoch/seconds", report.seconds, step)
     writer.flush()
 
@@ -245,11 +257,11 @@ class Metrics(Plugin):
         self._flush(state.step)
         self.history.append(report.to_dict())
         self._log(lambda writer: _log_epoch(writer, report, state.step))
+        figures = "  ".join(metric_text(name, value) for name, value in report.metrics.items())
         _echo(
             run,
             f"epoch {report.epoch}/{run.recipe.epochs}  train loss {report.train_loss:.4f}  "
-            f"test loss {report.test_loss:.4f}  test accuracy {report.test_accuracy:.2%}  "
-            f"{report.seconds:.1f} s",
+            f"{figures}  {report.seconds:.1f} s",
         )
         self._write_json(run, finished=False)
 
@@ -258,9 +270,10 @@ class Metrics(Plugin):
         self._close_bar()
         self._write_json(run, finished=True)
         self._log(lambda writer: _log_end(writer, run))
+        final = f"test_{run.task.target_metric}"
         _echo(
             run,
-            f"final test accuracy {report.test_accuracy:.2%} "
+            f"final {metric_text(final, report.metrics[final])} "
             f"({self.wall_seconds():.1f} s of training and evaluation)",
         )
 
@@ -285,6 +298,9 @@ class Metrics(Plugin):
             "recipe": run.recipe.name,
             "finished": finished,
             "final_test_accuracy": last.get("test_accuracy") if finished else None,
+            "final_test": (
+                {k: v for k, v in last.items() if k.startswith("test_")} if finished else None
+            ),
             "wall_seconds": self.wall_seconds(),
             "epochs": self.history,
             "config": run.config,

@@ -11,7 +11,8 @@ clipping and weight decay are each worth, over three seeds.
 """
 
 from hooktrain.ablation.spec import Ablation
-from hooktrain.config.recipe import Recipe
+from hooktrain.config.recipe import CIFAR10_MEAN, CIFAR10_STD, Recipe
+from hooktrain.config.ref import Ref
 from hooktrain.plugins.checkpoint import Checkpoint
 from hooktrain.plugins.data_parallel import DataParallel
 from hooktrain.plugins.grad_clip import GradClip
@@ -22,16 +23,19 @@ from hooktrain.plugins.weight_decay import WeightDecay
 
 recipe = Recipe(
     name="resnet9_cifar10",
-    model="resnet9",
-    width=64,
-    dropout=0.2,
+    model=Ref("resnet9", width=64, dropout=0.2),
+    data=Ref("cifar10"),
+    # The seed's transforms: RandomCrop(32, padding=4), RandomHorizontalFlip(), Normalize(...).
+    augment=(
+        Ref("crop", size=32, pad=4, mode="reflect"),
+        Ref("flip"),
+        Ref("normalize", mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    ),
+    task=Ref("classification"),
     epochs=8,
     batch_size=400,
     optimizer="adam",
     max_lr=0.01,
-    pad=4,
-    pad_mode="reflect",
-    flip=True,
     plugins=(
         DataParallel(),
         NanGuard(),

@@ -10,7 +10,8 @@ label_smoothing=on,off --vary tta_flip=true,false`` measures what each is worth;
 adds an average of the weights.
 """
 
-from hooktrain.config.recipe import Recipe
+from hooktrain.config.recipe import CIFAR10_MEAN, CIFAR10_STD, Recipe
+from hooktrain.config.ref import Ref
 from hooktrain.plugins.checkpoint import Checkpoint
 from hooktrain.plugins.data_parallel import DataParallel
 from hooktrain.plugins.label_smoothing import LabelSmoothing
@@ -21,11 +22,13 @@ from hooktrain.plugins.weight_decay import WeightDecay
 
 recipe = Recipe(
     name="resnet9_fast",
-    model="resnet9",
-    width=64,
-    dropout=0.0,
-    conv_bias=False,
-    logit_scale=0.125,
+    model=Ref("resnet9", width=64, dropout=0.0, conv_bias=False, logit_scale=0.125),
+    data=Ref("cifar10"),
+    augment=(
+        Ref("crop", size=32, pad=4, mode="reflect"),
+        Ref("flip"),
+        Ref("normalize", mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    ),
     tta_flip=True,
     epochs=10,
     batch_size=512,

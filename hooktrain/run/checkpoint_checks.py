@@ -21,7 +21,8 @@ from hooktrain.config.recipe import Recipe
 from hooktrain.core.optim import recipe_optimizer
 from hooktrain.core.plugin import Plugin
 from hooktrain.core.state import TrainState
-from hooktrain.models import recipe_model
+from hooktrain.errors import HooktrainError
+from hooktrain.run.build import recipe_model
 
 
 def _is_count(value: Any) -> bool:
@@ -137,10 +138,12 @@ def plugin_states_problem(saved: Any, plugins: Sequence[Plugin]) -> str | None:
     return None
 
 
-def expected_state(recipe: Recipe, num_classes: int) -> TrainState:
-    """A fresh state of a run of ``recipe`` on the meta device: its shapes and types, no data."""
+def expected_state(recipe: Recipe, facts: dict[str, Any]) -> TrainState:
+    """A fresh state of a run of ``recipe`` on the meta device: its shapes and types, no data.
+
+    ``facts`` are what the run told the model factory (config.json keeps them)."""
     with torch.device("meta"):
-        model = recipe_model(recipe, num_classes)
+        model = recipe_model(recipe, facts)
     return TrainState.create(model, recipe_optimizer(recipe), recipe.seed)
 
 
@@ -149,12 +152,16 @@ def checkpoint_problem(
 ) -> str | None:
     """What makes a loaded checkpoint unusable to continue (or evaluate) a run of ``recipe``
     whose config's ``run`` section is ``run_info``, or None."""
-    num_classes, steps_per_epoch = run_info.get("num_classes"), run_info.get("steps_per_epoch")
-    if not isinstance(num_classes, int):
-        num_classes = 10  # configs written before it was recorded: CIFAR-10 was the only data
+    facts, steps_per_epoch = run_info.get("model_facts"), run_info.get("steps_per_epoch")
+    if not isinstance(facts, dict) or not isinstance(facts.get("input_shape"), list):
+        return "its run was written by an older hooktrain, which did not record the model's facts"
+    try:
+        expected = expected_state(recipe, facts)
+    except (HooktrainError, TypeError, ValueError, RuntimeError) as error:
+        return f"its run's recorded model facts do not build this recipe's model ({error})"
     problem = state_problem(
         payload["state"],
-        expected_state(recipe, num_classes),
+        expected,
         recipe.epochs,
         steps_per_epoch if isinstance(steps_per_epoch, int) else None,
     )

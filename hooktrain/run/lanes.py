@@ -3,9 +3,11 @@ own plugins, run folder, state and epoch progress. A single run is a group of on
 
 from __future__ import annotations
 
+import copy
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -13,11 +15,22 @@ import pluggy
 import torch
 
 from hooktrain.config.recipe import Recipe
+from hooktrain.config.stored import recipe_to_config
 from hooktrain.core.context import RunContext
+from hooktrain.core.evaluate import EvaluateFn, LaneEvaluateFn
+from hooktrain.core.optim import Optimizer
+from hooktrain.core.plugin import make_plugin_manager
 from hooktrain.core.state import TrainState
-from hooktrain.core.step import Batch, Evaluation, LaneStepFn, StepFn
+from hooktrain.core.step import Batch, LaneStepFn, StepFn
+from hooktrain.core.task import Task
+from hooktrain.data.device import DeviceData
 from hooktrain.errors import TrainingStopped
+from hooktrain.models import shard_randomness
 from hooktrain.run import checkpoints, distributed
+from hooktrain.run.build import build_models, load_plugin_states
+from hooktrain.run.checks import check_usable
+from hooktrain.run.distributed import Topology
+from hooktrain.run.folder import write_config
 from hooktrain.run.signals import StopRequest
 
 # Under torchrun, how often the processes agree whether a signal asked them to stop.
@@ -58,6 +71,71 @@ class Lane:
     progress: EpochProgress
 
 
+@attrs.frozen
+class LaneBuild:
+    """What every lane of a run shares: the recipe, data, task, the model's facts, the
+    optimizer, config.json's run section and this process's place among processes."""
+
+    recipe: Recipe
+    data: DeviceData
+    task: Task
+    facts: dict[str, Any]
+    optimizer: Optimizer
+    run_info: dict[str, Any]
+    topology: Topology
+    echo: Callable[[str], None]
+    tags: dict[str, str] | None
+    lanes: int
+
+
+def make_lane(
+    built: LaneBuild, index: int, seed: int, out_dir: Path, resume: dict[str, Any] | None
+) -> Lane:
+    """One seed's lane: fresh plugins, its initial (or resumed) state and its run folder's
+    config.json, written by the main process (the folder is made and held by train_seeds)."""
+    topology, device = built.topology, built.data.device
+    # Fresh plugin instances: a recipe object can be trained many times in one process.
+    recipe = attrs.evolve(
+        built.recipe, seed=seed, plugins=tuple(copy.deepcopy(p) for p in built.recipe.plugins)
+    )
+    model, _ = build_models(recipe, built.facts, device)
+    shard_randomness(model, topology.rank, topology.world_size)
+    state = TrainState.create(model, built.optimizer, seed)
+    progress = EpochProgress(torch.zeros((), device=device))
+    if resume is not None:
+        check_usable(resume, recipe, built.run_info)
+        state = TrainState.from_dict(resume["state"], device)
+        load_plugin_states(recipe.plugins, resume)
+        saved = resume.get("progress", {"loss_sum": 0.0, "seconds": 0.0})
+        progress = EpochProgress(torch.tensor(saved["loss_sum"], device=device), saved["seconds"])
+    config = {**recipe_to_config(recipe), "run": built.run_info}
+    if topology.is_main:
+        checkpoints.remove_stale_temp_files(out_dir)
+        write_config(out_dir, config)
+    together = built.lanes > 1
+    run = RunContext(
+        recipe=recipe,
+        out_dir=out_dir,
+        device=device,
+        data=built.data,
+        task=built.task,
+        steps_per_epoch=built.data.steps_per_epoch,
+        config=config,
+        checkpoint_payload=payload_writer(recipe, config, progress),
+        echo=prefixed(built.echo, f"seed {seed}: ") if together else built.echo,
+        tags=dict(built.tags or {}),
+        lane=index,
+        lanes=built.lanes,
+        rank=topology.rank,
+        world_size=topology.world_size,
+    )
+    # Every process runs the same events; only the main one runs those that write files.
+    manager = make_plugin_manager(
+        [p for p in recipe.plugins if topology.is_main or not p.main_process_only]
+    )
+    return Lane(recipe, manager, run, state, progress)
+
+
 def payload_writer(
     recipe: Recipe, config: dict[str, Any], progress: EpochProgress
 ) -> Callable[[TrainState], dict[str, Any]]:
@@ -91,9 +169,7 @@ def as_lane_step(step: StepFn) -> LaneStepFn:
     return lane_step
 
 
-def as_lane_evaluate(
-    evaluate: Callable[[TrainState, Iterable[Batch]], Evaluation],
-) -> Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]]:
+def as_lane_evaluate(evaluate: EvaluateFn) -> LaneEvaluateFn:
     return lambda states, batches: [evaluate(states[0], batches)]
 
 

@@ -1,65 +1,69 @@
-"""The event loop: build the run from a recipe, then train, evaluate and emit events."""
+"""The event loop: a recipe built into lanes (one per seed), trained, evaluated, observed.
+
+Synopsis (every event once per lane; the hookspecs say what each receives)::
+
+    data, task, facts = device_data(recipe), build_task(recipe), model_facts(data, task)
+    lanes = [make_lane(seed) for seed in seeds]     # state, plugins, run folder, config.json
+    step = compose_pieces(plugins' build hooks)     # one pure step for all lanes
+    fit_start
+    for epoch in remaining epochs:
+        epoch_start; plan = data.epoch_plan(generator)   # order and augmentation draws
+        for index in remaining batches:
+            states, metrics = step(states, data.train_batch(plan, index)); step_end
+        evaluate val (with val_split) and test; epoch_end(report)
+    fit_end, the run marked finished (or fit_stop when a signal or stop_after_epoch ends it)
+"""
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import torch
+from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from hooktrain.config.recipe import Recipe
-from hooktrain.config.stored import recipe_to_config
-from hooktrain.core.context import BuildContext, EpochReport, RunContext
+from hooktrain.core.context import BuildContext, EpochReport, Trained
+from hooktrain.core.evaluate import LaneEvaluateFn, build_evaluate, build_lane_evaluate
 from hooktrain.core.optim import recipe_optimizer
-from hooktrain.core.plugin import (
-    call_order,
-    make_plugin_manager,
-)
+from hooktrain.core.plugin import call_order, make_plugin_manager
 from hooktrain.core.state import TrainState, capture_global_rng
-from hooktrain.core.step import (
-    Batch,
-    Evaluation,
-    LaneStepFn,
-    build_evaluate,
-    build_lane_evaluate,
-    build_lane_step,
-    build_step,
-)
+from hooktrain.core.step import LaneStepFn, build_lane_step, build_step
 from hooktrain.data.device import DeviceData
-from hooktrain.data.sources import load_cifar10
-from hooktrain.errors import HooktrainError, short_reason
+from hooktrain.errors import HooktrainError
 from hooktrain.models import shard_randomness
-from hooktrain.run import checkpoints, distributed
+from hooktrain.run import distributed
 from hooktrain.run.build import (
     autocast_dtype_of,
     build_models,
-    check_data_parallel,
-    check_resumable,
-    check_usable,
-    check_vmappable,
+    build_task,
     compose_pieces,
     device_data,
-    load_plugin_states,
-    lockstep_recipe,
-    out_of_memory,
+    load_splits,
+    model_facts,
     resolve_device,
+)
+from hooktrain.run.checks import (
+    check_data_parallel,
+    check_resumable,
+    check_vmappable,
+    failures_in_words,
+    lockstep_recipe,
 )
 from hooktrain.run.distributed import Topology
 from hooktrain.run.environment import environment_info
-from hooktrain.run.folder import hold_run_folders, mark_finished, write_config
+from hooktrain.run.folder import hold_run_folders, mark_finished
 from hooktrain.run.lanes import (
-    EpochProgress,
     Lane,
+    LaneBuild,
     as_lane_evaluate,
     as_lane_step,
     honour_stop,
-    payload_writer,
-    prefixed,
+    make_lane,
     stop_lanes,
 )
 from hooktrain.run.signals import stop_on_signals
@@ -68,21 +72,22 @@ from hooktrain.run.signals import stop_on_signals
 def train(
     recipe: Recipe,
     *,
-    out_dir: Path,
-    data_dir: Path | None = None,
+    out_dir: Path | str,
+    data_dir: Path | str | None = None,
     device: str = "auto",
     resume: dict[str, Any] | None = None,
     stop_after_epoch: int | None = None,
     echo: Callable[[str], None] = print,
     tags: dict[str, str] | None = None,
-) -> EpochReport:
-    """Train ``recipe``, writing into ``out_dir``; return the last epoch's report.
+) -> Trained:
+    """Train ``recipe``, writing into ``out_dir``; return the last epoch's report, the final
+    state and the model holding the trained weights.
 
     ``resume`` is a loaded checkpoint of this run to continue from. ``stop_after_epoch`` ends
     this process after that many finished epochs (the run can be resumed later); fit_end is
     then not emitted. ``tags`` label the run for plugins (an ablation's cell, for instance).
     """
-    (report,) = train_seeds(
+    (trained,) = train_seeds(
         recipe,
         [recipe.seed],
         out_dirs=[out_dir],
@@ -93,22 +98,22 @@ def train(
         echo=echo,
         tags=tags,
     )
-    return report
+    return trained
 
 
 def train_seeds(
     recipe: Recipe,
     seeds: Sequence[int],
     *,
-    out_dirs: Sequence[Path],
-    data_dir: Path | None = None,
+    out_dirs: Sequence[Path | str],
+    data_dir: Path | str | None = None,
     device: str = "auto",
     resume: Sequence[dict[str, Any]] | None = None,
     stop_after_epoch: int | None = None,
     echo: Callable[[str], None] = print,
     tags: dict[str, str] | None = None,
-) -> list[EpochReport]:
-    """Train ``recipe`` once per seed, each into its own folder; return each last report.
+) -> list[Trained]:
+    """Train ``recipe`` once per seed, each into its own folder; return what each trained.
 
     Two or more seeds train in lockstep: one vmapped forward and backward for all of them per
     step (``torch.func``), while each seed keeps its own initialisation, data order,
@@ -118,6 +123,8 @@ def train_seeds(
     """
     if len(out_dirs) != len(seeds) or not seeds:
         raise ValueError("train_seeds needs one out_dir per seed, and at least one seed")
+    out_dirs = [Path(out_dir) for out_dir in out_dirs]
+    data_dir = None if data_dir is None else Path(data_dir)
     topology = Topology.from_environment()
     if topology.distributed:
         check_data_parallel(recipe, seeds)
@@ -128,35 +135,21 @@ def train_seeds(
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
     # The main process alone writes the run folders; holding them keeps other processes out.
     held = hold_run_folders(out_dirs if topology.is_main else [])
-    with held, distributed.process_group(topology, backend):
-        try:
-            return _train_lanes(
-                recipe,
-                seeds,
-                out_dirs=out_dirs,
-                data_dir=data_dir,
-                device=device,
-                torch_device=torch_device,
-                topology=topology,
-                resume=resume,
-                stop_after_epoch=stop_after_epoch,
-                echo=echo,
-                tags=tags,
-            )
-        except torch.OutOfMemoryError as error:
-            raise out_of_memory(error, torch_device) from error
-        except RuntimeError as error:
-            if "can't allocate memory" in str(error):  # the CPU allocator's words
-                raise out_of_memory(error, torch_device) from error
-            if not distributed.is_collective_failure(error):
-                raise
-            raise HooktrainError(
-                f"Process {topology.rank} of this run lost contact with the others "
-                f"({type(error).__name__}: {short_reason(error)}): one of them failed or was "
-                "stopped, so the run ends here; torchrun names the process that failed first. "
-                f"Continue from the last checkpoint with `torchrun ... -m hooktrain resume "
-                f"{out_dirs[0]}`."
-            ) from error
+    failures = failures_in_words(torch_device, topology, out_dirs[0])
+    with held, distributed.process_group(topology, backend), failures:
+        return _train_lanes(
+            recipe,
+            seeds,
+            out_dirs=out_dirs,
+            data_dir=data_dir,
+            device=device,
+            torch_device=torch_device,
+            topology=topology,
+            resume=resume,
+            stop_after_epoch=stop_after_epoch,
+            echo=echo,
+            tags=tags,
+        )
 
 
 def _train_lanes(
@@ -172,136 +165,132 @@ def _train_lanes(
     stop_after_epoch: int | None,
     echo: Callable[[str], None],
     tags: dict[str, str] | None,
-) -> list[EpochReport]:
+) -> list[Trained]:
     """:func:`train_seeds` once this process knows its device and its place among processes."""
     together = len(seeds) > 1
     if together:
         recipe = lockstep_recipe(recipe, torch_device)
-    dataset = load_cifar10(data_dir, echo=echo)
+    task = build_task(recipe)
     # Seeds differ in initialisation and data order only: one data object serves them all.
-    data = device_data(recipe, dataset, torch_device, topology)
+    data = device_data(recipe, load_splits(recipe, data_dir, echo), torch_device, topology)
     if data.n_test == 0:
         raise HooktrainError(
-            f"The test split of {data_dir or 'the data'} holds no images, so the run could "
-            "never be evaluated; add test images."
+            f"The test split of {data_dir or 'the data'} holds no examples, so the run could "
+            "never be evaluated; add test examples."
         )
+    facts = model_facts(data, task)
     optimizer = recipe_optimizer(recipe)
-    autocast_dtype = autocast_dtype_of(recipe, torch_device)
     run_info = {
         "data_dir": str(data_dir.resolve()) if data_dir else None,
         "device": device,
         "processes": topology.world_size,
         "recipe_file": recipe.source,
-        # What resume checks a checkpoint against before loading data (see engine.saved).
-        "num_classes": len(dataset.classes),
+        # What resume checks a checkpoint against before loading data (see run.checkpoint_checks).
+        "model_facts": facts,
         "steps_per_epoch": data.steps_per_epoch,
         "environment": environment_info(torch_device),
     }
+    built = LaneBuild(
+        recipe, data, task, facts, optimizer, run_info, topology, echo, tags, len(seeds)
+    )
+    lanes = [
+        make_lane(built, index, seed, out_dir, None if resume is None else resume[index])
+        for index, (seed, out_dir) in enumerate(zip(seeds, out_dirs, strict=True))
+    ]
+    # The first seed's modules serve as shapes for all: the states hold the numbers.
+    model, eval_model = build_models(lanes[0].recipe, facts, torch_device)
+    shard_randomness(model, topology.rank, topology.world_size)
+    step_all, evaluate_all = _step_and_evaluate(built, lanes, model, eval_model)
+    first = lanes[0].state
+    torch.set_rng_state(first.rng["torch"])
+    if "cuda" in first.rng and torch_device.type == "cuda":
+        torch.cuda.set_rng_state(first.rng["cuda"], torch_device)
+    _announce(recipe, data, topology, lanes, out_dirs, echo)
+    reports = _fit(lanes, step_all, evaluate_all, data, recipe.epochs, stop_after_epoch)
+    return [
+        Trained(report, lane.state, _with_weights(eval_model, lane.state))
+        for lane, report in zip(lanes, reports or [None] * len(lanes), strict=True)
+    ]
 
-    lanes: list[Lane] = []
-    for index, (seed, out_dir) in enumerate(zip(seeds, out_dirs, strict=True)):
-        # Fresh plugin instances: a recipe object can be trained many times in one process.
-        lane_recipe = attrs.evolve(
-            recipe, seed=seed, plugins=tuple(copy.deepcopy(p) for p in recipe.plugins)
-        )
-        model, eval_model = build_models(lane_recipe, len(dataset.classes), torch_device)
-        shard_randomness(model, topology.rank, topology.world_size)
-        state = TrainState.create(model, optimizer, seed)
-        progress = EpochProgress(torch.zeros((), device=torch_device))
-        if resume is not None:
-            check_usable(resume[index], lane_recipe, run_info)
-            state = TrainState.from_dict(resume[index]["state"], torch_device)
-            load_plugin_states(lane_recipe.plugins, resume[index])
-            saved = resume[index].get("progress", {"loss_sum": 0.0, "seconds": 0.0})
-            progress = EpochProgress(
-                torch.tensor(saved["loss_sum"], device=torch_device), saved["seconds"]
-            )
-        if index == 0:
-            # The first seed's modules serve as shapes for all: the states hold the numbers.
-            shape_model, shape_eval_model = model, eval_model
-        config = {**recipe_to_config(lane_recipe), "run": run_info}
-        if topology.is_main:  # the folder is made and held (train_seeds)
-            checkpoints.remove_stale_temp_files(out_dir)
-            write_config(out_dir, config)
-        run = RunContext(
-            recipe=lane_recipe,
-            out_dir=out_dir,
-            device=torch_device,
-            data=data,
-            steps_per_epoch=data.steps_per_epoch,
-            config=config,
-            checkpoint_payload=payload_writer(lane_recipe, config, progress),
-            echo=prefixed(echo, f"seed {seed}: ") if together else echo,
-            tags=dict(tags or {}),
-            lane=index,
-            lanes=len(seeds),
-            rank=topology.rank,
-            world_size=topology.world_size,
-        )
-        # Every process runs the same events; only the main one runs those that write files.
-        manager = make_plugin_manager(
-            [p for p in lane_recipe.plugins if topology.is_main or not p.main_process_only]
-        )
-        lanes.append(Lane(lane_recipe, manager, run, state, progress))
 
-    build = BuildContext(
+def _with_weights(eval_model: nn.Module, state: TrainState) -> nn.Module:
+    """A copy of the eval-mode model holding the state's parameters and buffers."""
+    model = copy.deepcopy(eval_model)
+    model.load_state_dict({**state.params, **state.buffers})
+    return model
+
+
+def _step_and_evaluate(
+    built: LaneBuild, lanes: list[Lane], model: nn.Module, eval_model: nn.Module
+) -> tuple[LaneStepFn, LaneEvaluateFn]:
+    """The lanes' step and evaluation, composed from the first lane's plugins' pieces.
+
+    Build hooks contribute pure pieces that do not depend on the seed, so they serve all lanes.
+    """
+    recipe, topology, device = built.recipe, built.topology, built.data.device
+    autocast_dtype = autocast_dtype_of(recipe, device)
+    context = BuildContext(
         recipe,
-        {name: p.shape for name, p in shape_model.named_parameters()},
-        data.steps_per_epoch,
-        optimizer,
+        {name: p.shape for name, p in model.named_parameters()},
+        built.data.steps_per_epoch,
+        built.optimizer,
     )
-    # Build hooks contribute pure pieces that do not depend on the seed: the first seed's
-    # plugins build the step for all.
-    pieces = compose_pieces(
-        make_plugin_manager(lanes[0].recipe.plugins), build, shape_model, autocast_dtype
-    )
+    manager = make_plugin_manager(lanes[0].recipe.plugins)
+    pieces = compose_pieces(manager, context, model, autocast_dtype, built.task)
     first = lanes[0].state
     if topology.distributed:
         optimizer_tensors = [t for t in tree_leaves(first.opt_state) if isinstance(t, torch.Tensor)]
         distributed.agree_on_start(
             first.step, [*first.params.values(), *first.buffers.values(), *optimizer_tensors]
         )
-    if together:
-        check_vmappable(shape_model)
-        step_all = build_lane_step(pieces, recipe.compile, recipe.compile_mode)
-        evaluate_all = build_lane_evaluate(
-            shape_eval_model, autocast_dtype, recipe.compile, recipe.tta_flip
+    compiled = (recipe.compile, recipe.compile_mode)
+    if len(lanes) > 1:
+        check_vmappable(model)
+        evaluate = build_lane_evaluate(
+            eval_model, built.task, autocast_dtype, recipe.compile, recipe.tta_flip
         )
-    else:
-        step_all = as_lane_step(build_step(pieces, recipe.compile, recipe.compile_mode))
-        evaluate_all = as_lane_evaluate(
-            build_evaluate(
-                shape_eval_model,
-                autocast_dtype,
-                recipe.compile,
-                recipe.tta_flip,
-                distributed.sum_over_processes if topology.distributed else None,
-            )
-        )
-    torch.set_rng_state(first.rng["torch"])
-    if "cuda" in first.rng and torch_device.type == "cuda":
-        torch.cuda.set_rng_state(first.rng["cuda"], torch_device)
+        return build_lane_step(pieces, *compiled), evaluate
+    single = build_evaluate(
+        eval_model,
+        built.task,
+        autocast_dtype,
+        recipe.compile,
+        recipe.tta_flip,
+        distributed.sum_over_processes if topology.distributed else None,
+    )
+    return as_lane_step(build_step(pieces, *compiled)), as_lane_evaluate(single)
 
-    seeds_text = f" x {len(seeds)} seeds together" if together else ""
+
+def _announce(
+    recipe: Recipe,
+    data: DeviceData,
+    topology: Topology,
+    lanes: list[Lane],
+    out_dirs: Sequence[Path],
+    echo: Callable[[str], None],
+) -> None:
+    """Say what will train where, and the order plugins run in."""
+    together = len(lanes) > 1
+    seeds_text = f" x {len(lanes)} seeds together" if together else ""
     if topology.distributed:
         seeds_text = (
             f" ({topology.world_size} processes x {recipe.batch_size // topology.world_size})"
         )
+    held_out = f", {data.n_val} held out for validation" if data.n_val else ""
     echo(
         f"{recipe.name}: {recipe.epochs} epochs x {data.steps_per_epoch} steps of "
-        f"{recipe.batch_size}{seeds_text} on {torch_device} ({data.n_train} training images), "
-        f"run folder{'s' if together else ''} {', '.join(str(d) for d in out_dirs)}"
+        f"{recipe.batch_size}{seeds_text} on {data.device} ({data.n_train} training examples"
+        f"{held_out}), run folder{'s' if together else ''} {', '.join(str(d) for d in out_dirs)}"
     )
     echo("plugins: " + (" -> ".join(p.name for p in recipe.plugins) or "none"))
     epoch_end_order = call_order(lanes[0].manager, "hooktrain_epoch_end")
     echo("at epoch end: " + (" -> ".join(epoch_end_order) or "none"))
-    return _fit(lanes, step_all, evaluate_all, data, recipe.epochs, stop_after_epoch)
 
 
 def _fit(
     lanes: list[Lane],
     step_all: LaneStepFn,
-    evaluate_all: Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]],
+    evaluate_all: LaneEvaluateFn,
     data: DeviceData,
     epochs: int,
     stop_after_epoch: int | None,
@@ -359,11 +348,15 @@ def _batches_done(state: TrainState, steps_per_epoch: int) -> int:
 def _end_epoch(
     lanes: list[Lane],
     generators: list[torch.Generator],
-    evaluate_all: Callable[[Sequence[TrainState], Iterable[Batch]], list[Evaluation]],
+    evaluate_all: LaneEvaluateFn,
     data: DeviceData,
     epoch: int,
 ) -> list[EpochReport]:
-    """Evaluate each lane, emit epoch_end and return the reports; the state counts the epoch."""
+    """Evaluate each lane, emit epoch_end and return the reports; the state counts the epoch.
+
+    Validation (with a ``val_split``) comes before test: the report names every metric by its
+    split (``val_accuracy``, ``test_accuracy``, ``test_loss``).
+    """
     global_rng = capture_global_rng(data.device)
     for lane, generator in zip(lanes, generators, strict=True):
         # The data generator has drawn this epoch's plan: its state now starts the next one.
@@ -377,15 +370,19 @@ def _end_epoch(
         )
         for lane in lanes
     ]
-    evaluations = evaluate_all(evaluated, data.test_batches())
+    metrics: list[dict[str, float]] = [{} for _ in lanes]
+    for split in ("val", "test") if data.n_val else ("test",):
+        for lane_metrics, figures in zip(
+            metrics, evaluate_all(evaluated, data.eval_batches(split)), strict=True
+        ):
+            lane_metrics.update({f"{split}_{name}": value for name, value in figures.items()})
     reports = []
-    for lane, evaluation in zip(lanes, evaluations, strict=True):
+    for lane, lane_metrics in zip(lanes, metrics, strict=True):
         report = EpochReport(
             epoch=epoch + 1,
             step=lane.state.step,
             train_loss=float(lane.progress.loss_sum) / data.steps_per_epoch,
-            test_loss=evaluation.loss,
-            test_accuracy=evaluation.accuracy,
+            metrics=lane_metrics,
             seconds=lane.progress.seconds(),
         )
         # Checkpoints taken from here on are at an epoch boundary: nothing of an epoch is due.

@@ -48,7 +48,7 @@ def data_dir_of(config: dict[str, Any], given: Path | None) -> Path | None:
 
 def recipe_module_for(recipe_file: Path | None, config: dict[str, Any]) -> types.ModuleType | None:
     """The module of the recipe file the user named, or a sentence asking for the one needed."""
-    from hooktrain.config.recipe import load_recipe_module
+    from hooktrain.config.registry import load_recipe_module
 
     if recipe_file is not None:
         if recipe_file.suffix != ".py":
