@@ -28,11 +28,13 @@ def _wall_seconds(checkout: Path, sets: list[str], args: argparse.Namespace) -> 
     with tempfile.TemporaryDirectory() as scratch:
         command = [
             sys.executable, "-m", "hooktrain", "run", args.recipe, "--device", args.device,
-            "--data-dir", str(args.data_dir), "--out", str(Path(scratch) / "run"), *overrides,
+            "--data-dir", str(args.data_dir.resolve()), "--out", str(Path(scratch) / "run"),
+            *overrides,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
         started = time.perf_counter()
-        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+        # Run from the scratch folder: `python -m` puts the working directory before PYTHONPATH.
+        subprocess.run(command, env=env, cwd=scratch, check=True, stdout=subprocess.DEVNULL)
         return time.perf_counter() - started
 
 

@@ -138,7 +138,8 @@ def _ship(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
 # Choosing the images
 
 
-def _check_batch_sizes(batch_size: int, eval_batch_size: int, shards: int) -> None:
+def check_batch_sizes(batch_size: int, eval_batch_size: int, shards: int) -> None:
+    """Refuse in a sentence batch sizes below 1, or a batch that does not split over shards."""
     if batch_size < 1:
         raise HooktrainError(f"Batch size must be at least 1, got {batch_size}.")
     if batch_size % shards:
@@ -153,7 +154,7 @@ def _check_batch_sizes(batch_size: int, eval_batch_size: int, shards: int) -> No
         raise HooktrainError(f"Eval batch size must be at least 1, got {eval_batch_size}.")
 
 
-def _held_out(available: int, val_split: float, batch_size: int) -> Tensor:
+def held_out(available: int, val_split: float, batch_size: int) -> Tensor:
     """Indices of the training images held out for validation, ascending; a fixed choice."""
     if not 0 <= val_split < 1:
         raise HooktrainError(
@@ -178,7 +179,7 @@ def _held_out(available: int, val_split: float, batch_size: int) -> Tensor:
     return order[:n_val].sort().values
 
 
-def _training_rows(
+def training_rows(
     available: int, held: Tensor, batch_size: int, train_limit: int | None
 ) -> Tensor | None:
     """Indices of the training images trained on (None for all of them, in order)."""
@@ -206,7 +207,7 @@ def _training_rows(
     return subset if rest is None else rest[subset]
 
 
-def _chains(split: Split, augment: Sequence[Augmentation]) -> tuple[Chain, Chain]:
+def chains(split: Split, augment: Sequence[Augmentation]) -> tuple[Chain, Chain]:
     """The training chain and the evaluation chain (its deterministic pieces) for `split`.
 
     Images get a Normalize to [0, 1] (mean 0, std 1) where the chain does not end with one.
@@ -278,11 +279,11 @@ class DeviceData:
         shard: int = 0,
         shards: int = 1,
     ) -> None:
-        _check_batch_sizes(batch_size, eval_batch_size, shards)
+        check_batch_sizes(batch_size, eval_batch_size, shards)
         available = len(splits.train)
-        held = _held_out(available, val_split, batch_size)
-        rows = _training_rows(available, held, batch_size, train_limit)
-        self._chain, self._eval_chain = _chains(splits.train, augment)
+        held = held_out(available, val_split, batch_size)
+        rows = training_rows(available, held, batch_size, train_limit)
+        self._chain, self._eval_chain = chains(splits.train, augment)
 
         self.device = device = torch.device(device)
         self.batch_size = batch_size

@@ -23,10 +23,10 @@ from hooktrain.data.device import (
     DeviceData,
     EpochPlan,
     Split,
-    _chains,
-    _check_batch_sizes,
-    _held_out,
-    _training_rows,
+    chains,
+    check_batch_sizes,
+    held_out,
+    training_rows,
 )
 from hooktrain.data.in_memory import DatasetSplits, check_item_like, item_arrays
 from hooktrain.errors import HooktrainError
@@ -166,13 +166,13 @@ class LoaderData(DeviceData):
         shard: int = 0,
         shards: int = 1,
     ) -> None:
-        _check_batch_sizes(batch_size, eval_batch_size, shards)
+        check_batch_sizes(batch_size, eval_batch_size, shards)
         items = _Items(splits)
-        held = _held_out(items.n_train, val_split, batch_size)
-        rows = _training_rows(items.n_train, held, batch_size, train_limit)
+        held = held_out(items.n_train, val_split, batch_size)
+        rows = training_rows(items.n_train, held, batch_size, train_limit)
         rows = torch.arange(items.n_train) if rows is None else rows
         first_input, first_target = splits.first_items["train"]
-        self._chain, self._eval_chain = _chains(
+        self._chain, self._eval_chain = chains(
             Split(first_input[None], first_target[None]), augment
         )
 
