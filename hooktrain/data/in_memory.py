@@ -17,30 +17,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
 from hooktrain.data.device import Split, Splits
+from hooktrain.data.items import (
+    INTEGER_DTYPES,
+    check_item_like,
+    described,
+    dtype_name,
+    item_arrays,
+    words,
+)
 from hooktrain.errors import HooktrainError, shown
 
-__all__ = [
-    "DatasetSplits",
-    "check_item_like",
-    "from_datasets",
-    "from_tensors",
-    "item_arrays",
-    "stack_items",
-]
+__all__ = ["DatasetSplits", "from_datasets", "from_tensors", "stack_items"]
 
-_INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 _MIN_CLASSES = 2
-_ITEM_KINDS = (
-    "a PIL image, a uint8 tensor (C, H, W), a uint8 array (H, W, C) or a 1-D floating-point "
-    "tensor or array of features"
-)
 
 
 def from_tensors(
@@ -96,30 +90,6 @@ def stack_items(dataset: Dataset[Any], split: str) -> tuple[Tensor, Tensor]:
         check_item_like(item, first, index, split)
         inputs[index], targets[index] = item
     return inputs, targets
-
-
-def check_item_like(
-    item: tuple[Tensor, Tensor], first: tuple[Tensor, Tensor], index: int, split: str
-) -> None:
-    """Refuse in a sentence an (input, target) item of another kind or size than item 0's."""
-    for what, got, like in zip(("input", "target"), item, first, strict=True):
-        if (got.shape, got.is_floating_point()) != (like.shape, like.is_floating_point()):
-            raise HooktrainError(
-                f"Item {index} of the {split} dataset has {_words(got)} as its {what} but "
-                f"item 0 has {_words(like)}; give every item one kind and size (resize "
-                "images in the dataset's transform)."
-            )
-
-
-def item_arrays(item: object, index: int, split: str) -> tuple[Tensor, Tensor]:
-    """One (input, target) item as tensors: an HWC uint8 image or float features, and an int64
-    label (0-d) or float target (0-d or (K,)). ``index`` and ``split`` name it in errors."""
-    if not isinstance(item, tuple | list) or len(item) != 2:
-        raise HooktrainError(
-            f"Item {index} of the {split} dataset is {_described(item)}, not an (input, target) "
-            "pair; make its __getitem__ return one."
-        )
-    return _input(item[0], index, split), _target(item[1], index, split)
 
 
 # --- Datasets kept where they are --------------------------------------------------------------
@@ -192,14 +162,14 @@ def _dataset_targets(dataset: Dataset[Any], split: str, count: int, first: Tenso
     if listed is None or listed.ndim == 0 or len(listed) != count:
         targets = torch.stack([item_arrays(dataset[i], i, split)[1] for i in range(count)])
     else:
-        targets = listed.long() if listed.dtype in _INTEGER_DTYPES else listed
+        targets = listed.long() if listed.dtype in INTEGER_DTYPES else listed
         if (targets.shape[1:], targets.is_floating_point()) != (
             first.shape,
             first.is_floating_point(),
         ):
             raise HooktrainError(
-                f"The {split} dataset's targets attribute holds {_words(targets[0])} per item "
-                f"but item 0's target is {_words(first)}; make the two agree."
+                f"The {split} dataset's targets attribute holds {words(targets[0])} per item "
+                f"but item 0's target is {words(first)}; make the two agree."
             )
     _check_targets(split, targets, targets)
     return targets
@@ -208,83 +178,19 @@ def _dataset_targets(dataset: Dataset[Any], split: str, count: int, first: Tenso
 # --- items ---------------------------------------------------------------------------------
 
 
-def _input(value: object, index: int, split: str) -> Tensor:
-    if isinstance(value, Image.Image):
-        value = np.array(value.convert("L" if value.mode in ("L", "1") else "RGB"))
-    if isinstance(value, np.ndarray | Tensor):
-        x = torch.as_tensor(value)
-        if x.dtype == torch.uint8 and x.ndim == 2:
-            return x[..., None]
-        if x.dtype == torch.uint8 and x.ndim == 3:
-            # Arrays (and PIL images) are HWC, tensors CHW as torchvision makes them.
-            hwc = x if isinstance(value, np.ndarray) else x.permute(1, 2, 0)
-            if hwc.shape[2] in (1, 3):
-                return hwc
-        if x.is_floating_point() and x.ndim == 1 and len(x):
-            return x
-        if x.is_floating_point() and x.ndim == 3:
-            raise HooktrainError(
-                f"Item {index} of the {split} dataset has {_described(value)} as its input, but "
-                "images must be uint8; drop ToTensor and Normalize from its transform "
-                "(normalizing happens on the device)."
-            )
-    raise HooktrainError(
-        f"Item {index} of the {split} dataset has {_described(value)} as its input; use "
-        f"{_ITEM_KINDS}."
-    )
-
-
-def _target(value: object, index: int, split: str) -> Tensor:
-    if not isinstance(value, bool | np.bool_ | str | bytes):
-        try:
-            y = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError):
-            y = None
-        if y is not None and y.dtype in _INTEGER_DTYPES and y.ndim == 0:
-            return y.long()
-        if y is not None and y.is_floating_point() and y.ndim <= 1:
-            return y
-    raise HooktrainError(
-        f"Item {index} of the {split} dataset has {_described(value)} as its target; use an int "
-        "class label, or a float or 1-D float tensor of regression values."
-    )
-
-
-def _described(value: object) -> str:
-    if isinstance(value, np.ndarray | Tensor):
-        kind = "array" if isinstance(value, np.ndarray) else "tensor"
-        return f"a {str(value.dtype).removeprefix('torch.')} {kind} of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
-def _words(sample: Tensor) -> str:
-    """One sample's input or target in words: '48x40 RGB pixels', '3 float32 values'."""
-    if sample.dtype == torch.uint8 and sample.ndim == 3:
-        height, width, channels = sample.shape
-        return f"{width}x{height} {'grayscale' if channels == 1 else 'RGB'} pixels"
-    if not sample.is_floating_point():
-        return "a class label"
-    count = sample.shape[0] if sample.ndim else 1
-    return f"{count} {_dtype(sample)} {'value' if sample.ndim == 0 else 'values'}"
-
-
-def _dtype(tensor: Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
-
-
 # --- whole splits ----------------------------------------------------------------------------
 
 
 def _pair(value: object, split: str) -> tuple[Tensor, Tensor]:
     if not isinstance(value, tuple | list) or len(value) != 2:
         raise HooktrainError(
-            f"The {split} split is {_described(value)}, not an (inputs, targets) pair of tensors; "
+            f"The {split} split is {described(value)}, not an (inputs, targets) pair of tensors; "
             "pass one."
         )
     for what, tensor in zip(("inputs", "targets"), value, strict=True):
         if not isinstance(tensor, Tensor):
             raise HooktrainError(
-                f"The {split} {what} are {_described(tensor)}, not a torch.Tensor; convert them "
+                f"The {split} {what} are {described(tensor)}, not a torch.Tensor; convert them "
                 "with torch.as_tensor."
             )
     return value[0].detach().cpu(), value[1].detach().cpu()
@@ -300,13 +206,13 @@ def _check_inputs(split: str, inputs: Tensor) -> None:
     elif inputs.is_floating_point():
         if inputs.ndim != 2 or inputs.shape[1] == 0:
             raise HooktrainError(
-                f"The {split} inputs are {_dtype(inputs)} of shape {tuple(inputs.shape)}, but "
+                f"The {split} inputs are {dtype_name(inputs)} of shape {tuple(inputs.shape)}, but "
                 "features must be (N, F) and images uint8 (N, height, width, channels); pass one."
             )
         _check_finite(split, "inputs", inputs)
     else:
         raise HooktrainError(
-            f"The {split} inputs are {_dtype(inputs)}; pass uint8 images (N, height, width, "
+            f"The {split} inputs are {dtype_name(inputs)}; pass uint8 images (N, height, width, "
             "channels) or floating-point features (N, F)."
         )
     if len(inputs) == 0:
@@ -326,9 +232,9 @@ def _check_targets(split: str, inputs: Tensor, targets: Tensor) -> None:
                 "must be (N,) or (N, K)."
             )
         _check_finite(split, "targets", targets)
-    elif targets.dtype not in _INTEGER_DTYPES or targets.ndim != 1:
+    elif targets.dtype not in INTEGER_DTYPES or targets.ndim != 1:
         raise HooktrainError(
-            f"The {split} targets are {_dtype(targets)} of shape {tuple(targets.shape)}; pass "
+            f"The {split} targets are {dtype_name(targets)} of shape {tuple(targets.shape)}; pass "
             "integer class labels (N,) or floating-point regression values (N,) or (N, K)."
         )
 
@@ -347,14 +253,14 @@ def _check_alike(pairs: dict[str, tuple[Tensor, Tensor]]) -> None:
     (train_x, train_y), (test_x, test_y) = pairs["train"], pairs["test"]
     if (train_x.dtype, train_x.shape[1:]) != (test_x.dtype, test_x.shape[1:]):
         raise HooktrainError(
-            f"The train inputs are {_words(train_x[0])} per sample but the test inputs are "
-            f"{_words(test_x[0])}; give both splits inputs of one kind and size."
+            f"The train inputs are {words(train_x[0])} per sample but the test inputs are "
+            f"{words(test_x[0])}; give both splits inputs of one kind and size."
         )
     kinds = [(y.is_floating_point(), y.shape[1:]) for y in (train_y, test_y)]
     if kinds[0] != kinds[1]:
         raise HooktrainError(
-            f"The train targets are {_words(train_y[0])} per sample but the test targets are "
-            f"{_words(test_y[0])}; give both splits targets of one kind."
+            f"The train targets are {words(train_y[0])} per sample but the test targets are "
+            f"{words(test_y[0])}; give both splits targets of one kind."
         )
 
 
@@ -364,7 +270,7 @@ def _names(classes: Sequence[str] | None, targets: dict[str, Tensor]) -> tuple[s
         return _class_names(classes, targets)
     if classes is not None:
         raise HooktrainError(
-            f"classes name class labels, but the targets are {_dtype(targets['train'])} "
+            f"classes name class labels, but the targets are {dtype_name(targets['train'])} "
             "regression values; pass integer labels, or classes=None for regression."
         )
     return None
@@ -382,7 +288,7 @@ def _class_names(classes: Sequence[str] | None, labels: dict[str, Tensor]) -> tu
         names = tuple(str(label) for label in range(highest + 1))
     elif isinstance(classes, str) or not isinstance(classes, Sequence):
         raise HooktrainError(
-            f"classes must be a list of class names, got {_described(classes)}; pass e.g. "
+            f"classes must be a list of class names, got {described(classes)}; pass e.g. "
             "['cat', 'dog']."
         )
     else:

@@ -28,7 +28,8 @@ from hooktrain.data.device import (
     held_out,
     training_rows,
 )
-from hooktrain.data.in_memory import DatasetSplits, check_item_like, item_arrays
+from hooktrain.data.in_memory import DatasetSplits
+from hooktrain.data.items import check_item_like, item_arrays
 from hooktrain.errors import HooktrainError
 
 __all__ = ["DatasetSplit", "LoaderData"]

@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 
 from hooktrain.data.cache import default_cache_dir
 from hooktrain.data.device import Splits
-from hooktrain.data.in_memory import from_tensors, item_arrays, stack_items
+from hooktrain.data.in_memory import from_tensors, stack_items
+from hooktrain.data.items import item_arrays
 from hooktrain.errors import HooktrainError, short_reason, shown
 
 __all__ = ["dataset_names", "load_torchvision"]
