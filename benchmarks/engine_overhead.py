@@ -24,16 +24,14 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hooktrain.config.recipe import Recipe
-from hooktrain.core.context import BuildContext
-from hooktrain.core.optim import make_optimizer
-from hooktrain.core.plugin import make_plugin_manager
+from hooktrain.core.plugin import Plugin, make_plugin_manager
 from hooktrain.core.state import TrainState
 from hooktrain.core.step import build_step
 from hooktrain.core.task import Classification
@@ -42,7 +40,7 @@ from hooktrain.plugins.grad_clip import GradClip
 from hooktrain.plugins.metrics import Metrics
 from hooktrain.plugins.onecycle import OneCycle
 from hooktrain.plugins.weight_decay import WeightDecay
-from hooktrain.run.build import compose_pieces
+from hooktrain.run.build import build_context, compose_pieces
 
 MAX_LR, DECAY, CLIP = 0.01, 1e-4, 0.1
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -53,23 +51,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def hooktrain_arm(model: nn.Module, batches: Batches, compile: bool) -> Callable[[], torch.Tensor]:
-    """A function that trains ``len(batches)`` steps from fresh state, as the loop does."""
+def hooktrain_arm(
+    model: nn.Module, batches: Batches, compile: bool, extra: Sequence[Plugin] = ()
+) -> Callable[[], torch.Tensor]:
+    """A function that trains ``len(batches)`` steps from fresh state, as the loop does, with
+    the ``extra`` plugins added to the flagship's."""
     plugins = (
         OneCycle(),
         WeightDecay(rate=DECAY),
         GradClip(max=CLIP, mode="value"),
         Metrics(tensorboard=False, progress=False),
+        *extra,
     )
     recipe = Recipe(name="overhead", max_lr=MAX_LR, compile=compile, plugins=plugins)
-    optimizer = make_optimizer("adam", betas=(0.9, 0.999), eps=1e-8, momentum=0, nesterov=False)
     manager = make_plugin_manager(plugins)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    build = BuildContext(recipe, shapes, len(batches), optimizer)
-    step = build_step(
-        compose_pieces(manager, build, model, None, Classification()), compile=compile
-    )
-    start = TrainState.create(model, optimizer, seed=0)
+    facts = {"num_classes": 10, "num_outputs": 10, "input_shape": [3, 32, 32], "in_channels": 3}
+    build = build_context(recipe, model, len(batches), Classification(), facts, manager)
+    pieces = compose_pieces(manager, build, model, None)
+    step = build_step(pieces, compile=compile)
+    start = TrainState.create(model, pieces.chain, seed=0)
     step_end = manager.hook.hooktrain_step_end
 
     def run() -> torch.Tensor:

@@ -22,9 +22,22 @@ if TYPE_CHECKING:
     from hooktrain.config.registry import load_recipe
     from hooktrain.core.context import BuildContext, EpochReport, RunContext, Trained
     from hooktrain.core.hookspecs import hookimpl
-    from hooktrain.core.pieces import DecayRule, GradientTransform, LossFn, LRSchedule, Replicas
+    from hooktrain.core.optim import Optimizer
+    from hooktrain.core.pieces import (
+        BatchTransform,
+        DecayRule,
+        Draws,
+        EvalViews,
+        GradientFn,
+        GradientTransform,
+        LossFn,
+        LRSchedule,
+        ParamGroups,
+        Replicas,
+    )
     from hooktrain.core.plugin import Plugin
     from hooktrain.core.state import TrainState
+    from hooktrain.core.step import GradientWrapper
     from hooktrain.core.task import Classification, Regression
     from hooktrain.data.device import Split, Splits
     from hooktrain.data.in_memory import DatasetSplits, from_datasets, from_tensors
@@ -45,11 +58,18 @@ _EXPORTS = {
     "RunContext": "hooktrain.core.context",
     "Trained": "hooktrain.core.context",
     "hookimpl": "hooktrain.core.hookspecs",
+    "Optimizer": "hooktrain.core.optim",
+    "BatchTransform": "hooktrain.core.pieces",
     "DecayRule": "hooktrain.core.pieces",
+    "Draws": "hooktrain.core.pieces",
+    "EvalViews": "hooktrain.core.pieces",
+    "GradientFn": "hooktrain.core.pieces",
     "GradientTransform": "hooktrain.core.pieces",
     "LossFn": "hooktrain.core.pieces",
     "LRSchedule": "hooktrain.core.pieces",
+    "ParamGroups": "hooktrain.core.pieces",
     "Replicas": "hooktrain.core.pieces",
+    "GradientWrapper": "hooktrain.core.step",
     "Plugin": "hooktrain.core.plugin",
     "TrainState": "hooktrain.core.state",
     "Classification": "hooktrain.core.task",
@@ -77,11 +97,18 @@ __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
     "RunContext",
     "Trained",
     "hookimpl",
+    "Optimizer",
+    "BatchTransform",
     "DecayRule",
+    "Draws",
+    "EvalViews",
+    "GradientFn",
     "GradientTransform",
     "LossFn",
     "LRSchedule",
+    "ParamGroups",
     "Replicas",
+    "GradientWrapper",
     "Plugin",
     "TrainState",
     "Classification",

@@ -461,6 +461,14 @@ def test_list_shows_recipes_and_plugins() -> None:
         "data_parallel",
         "checkpoint",
         "metrics",
+        "mixup",
+        "cutmix",
+        "lion",
+        "lookahead",
+        "sam",
+        "grad_accumulation",
+        "early_stopping",
+        "swa",
     }
     for name, path in BUILTIN_PLUGINS.items():
         doc = import_object(path).__doc__.strip().splitlines()[0]

@@ -252,8 +252,13 @@ def test_val_batches_are_the_held_out_images_unaugmented() -> None:
     assert torch.equal(pixels_of(data, xs), dataset.train.inputs[held])
     assert torch.equal(ys, dataset.train.targets[held])
     assert list(make_device_data(dataset=dataset).eval_batches("val")) == []
-    with pytest.raises(HooktrainError, match="Unknown evaluation split 'train'"):
-        next(data.eval_batches("train"))
+    # The training split in order, unaugmented (swa recomputes BatchNorm statistics on it).
+    rows = torch.ones(50, dtype=torch.bool)
+    rows[held] = False
+    train_x = torch.cat([x for x, _ in data.eval_batches("train")])
+    assert torch.equal(pixels_of(data, train_x), dataset.train.inputs[rows])
+    with pytest.raises(HooktrainError, match="Unknown split 'training'"):
+        next(data.eval_batches("training"))
 
 
 # ---------------------------------------------------------------------------------------------

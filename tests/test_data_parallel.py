@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves
 from hooktrain.cli import main
 from hooktrain.config.overrides import apply_overrides
 from hooktrain.config.registry import load_recipe
+from hooktrain.core.plugin import make_plugin_manager
 from hooktrain.data.augment import Normalize, RandomCrop, RandomFlip
 from hooktrain.data.device import DeviceData
 from hooktrain.data.sources import load_cifar10
@@ -92,7 +93,8 @@ def assert_same_training(got: dict, expected: dict, tolerance: float = 1e-3) -> 
     tens of percent); BatchNorm's statistics within ``tolerance`` of their size."""
     assert got["step"] == expected["step"]
     recipe = apply_overrides(load_recipe("resnet9_cifar10"), ["model.width=8", *COMPARABLE])
-    initial, _ = build_models(recipe, FACTS, torch.device("cpu"))
+    manager = make_plugin_manager(recipe.plugins)
+    initial, _ = build_models(recipe, FACTS, torch.device("cpu"), manager)
     for name, start in initial.named_parameters():
         moved, want = got["params"][name] - start, expected["params"][name] - start
         error = ((moved - want).norm() / want.norm()).item()

@@ -16,7 +16,7 @@ from torch import nn
 from hooktrain.cli import main
 from hooktrain.config.overrides import apply_overrides
 from hooktrain.config.registry import load_recipe
-from hooktrain.core.evaluate import build_evaluate
+from hooktrain.core.evaluate import build_evaluate, flip_views
 from hooktrain.core.state import TrainState
 from hooktrain.core.task import Classification
 from hooktrain.errors import HooktrainError
@@ -26,6 +26,8 @@ from hooktrain.plugins.label_smoothing import LabelSmoothing
 from hooktrain.run.checkpoints import load_checkpoint
 from hooktrain.run.evaluation import evaluate_checkpoint
 from hooktrain.run.loop import train
+
+KEY = torch.zeros(2, dtype=torch.int64)  # the step key: these states never step
 
 TINY = ["model.width=4", "batch_size=40", "eval_batch_size=100", "compile=false"]
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]
@@ -68,7 +70,9 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets() -> None:
 def test_flip_test_time_augmentation_averages_the_mirror_logits() -> None:
     torch.manual_seed(0)
     model = resnet9(10, width=4).eval()
-    state = TrainState(0, 0, dict(model.named_parameters()), dict(model.named_buffers()), {}, {})
+    state = TrainState(
+        0, 0, dict(model.named_parameters()), dict(model.named_buffers()), {}, {}, {}, KEY
+    )
     x, y = torch.randn(20, 3, 32, 32), torch.randint(0, 10, (20,))
     with torch.no_grad():
         logits = (model(x) + model(x.flip(-1))) / 2
@@ -76,7 +80,7 @@ def test_flip_test_time_augmentation_averages_the_mirror_logits() -> None:
     expected_accuracy = (logits.argmax(1) == y).float().mean().item()
     task = Classification()
     batches = [(x[:8], y[:8]), (x[8:], y[8:])]
-    result = build_evaluate(model, task, None, tta_flip=True)(state, batches)
+    result = build_evaluate(model, task, None, views=flip_views)(state, batches)
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert result["accuracy"] == pytest.approx(expected_accuracy)
     plain = build_evaluate(model, task, None)(state, [(x, y)])
@@ -89,7 +93,7 @@ def test_ema_averages_the_weights_it_sees() -> None:
     params = [{"w": torch.full((3,), float(step))} for step in range(5)]
 
     def state(step: int) -> TrainState:
-        return TrainState(step, 0, params[step], {}, {}, {})
+        return TrainState(step, 0, params[step], {}, {}, {}, {}, KEY)
 
     ema.hooktrain_fit_start(state=state(0))
     expected = torch.zeros(3)

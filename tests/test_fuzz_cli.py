@@ -296,9 +296,21 @@ VALID_PLUGIN: dict[str, Valid] = {
     "metrics.log_every": COUNT,
     "metrics.tensorboard": BOOLEAN,
     "metrics.progress": BOOLEAN,
+    "mixup.alpha": POSITIVE,
+    "cutmix.alpha": POSITIVE,
+    "lion.betas": several(real(0, 1), 2),
+    "lookahead.k": COUNT,
+    "lookahead.alpha": real(0, 1, above=True),
+    "sam.rho": POSITIVE,
+    "grad_accumulation.micro_batches": COUNT,
+    "early_stopping.metric": choice("auto", "test_loss", "test_accuracy"),
+    "early_stopping.patience": COUNT,
+    "early_stopping.min_delta": real(0, 1e9),
+    "swa.start": real(0, 1),
 }
 # Plugins the flagship lacks: the library-level tests add them with --with.
-EXTRA_PLUGINS = ["label_smoothing", "ema"]
+EXTRA_PLUGINS = ["label_smoothing", "ema", "mixup", "cutmix", "lion", "lookahead", "sam"]
+EXTRA_PLUGINS += ["grad_accumulation", "early_stopping", "swa"]
 
 
 def assignment_of(table: dict[str, Valid]) -> st.SearchStrategy[tuple[str, str, Any]]:
@@ -334,9 +346,11 @@ INVALID_KEYS = {
 }
 KIND_OF = {
     "count": ["epochs", "batch_size", "eval_batch_size", "checkpoint.every",
-              "nan_guard.check_every", "metrics.log_every", "ema.every"],
-    "unit": ["val_split", "momentum", "label_smoothing.smoothing", "ema.decay"],
-    "positive": ["max_lr", "eps", "grad_clip.max", "onecycle.div_factor"],
+              "nan_guard.check_every", "metrics.log_every", "ema.every", "lookahead.k",
+              "grad_accumulation.micro_batches", "early_stopping.patience"],
+    "unit": ["val_split", "momentum", "label_smoothing.smoothing", "ema.decay", "swa.start"],
+    "positive": ["max_lr", "eps", "grad_clip.max", "onecycle.div_factor", "mixup.alpha",
+                 "cutmix.alpha", "sam.rho"],
     "boolean": ["model.conv_bias", "tta_flip", "nesterov", "compile",
                 "metrics.progress", "onecycle.three_phase"],
     "choice": ["optimizer", "augment.crop.mode", "precision", "memory_format", "grad_clip.mode"],

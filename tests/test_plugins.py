@@ -199,7 +199,11 @@ def apply(
     before = [g.clone() for g in grads]
     params = [torch.full_like(g, 3.0) for g in grads]
     grad_list, param_list = list(grads), list(params)
-    new_grads, metrics = transform(grad_list, param_list)
+    state = transform.init(param_list)
+    new_grads, new_state, metrics = transform.update(
+        grad_list, state, param_list, torch.tensor(0.01)
+    )
+    assert new_state == state == {}, "clipping keeps no state"
     assert grad_list == grads and len(param_list) == len(params)
     assert all(p is q for p, q in zip(param_list, params, strict=True))
     for grad, original in zip(grads, before, strict=True):
@@ -425,12 +429,12 @@ class Scale(Plugin):
     def hooktrain_gradient_transform(self) -> GradientTransform:
         factor = self.factor
 
-        def transform(
+        def scale(
             grads: list[torch.Tensor], params: list[torch.Tensor]
         ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
             return torch._foreach_mul(grads, factor), {}
 
-        return transform
+        return GradientTransform.stateless(self.name, scale)
 
 
 @attrs.define
@@ -543,12 +547,12 @@ def test_gradient_transforms_are_collected_in_plugin_order() -> None:
     # Each answer is its own plugin's transform.
     grads = random_grads(1.0, seed=3)
     expected = [
-        clip_by_norm(0.5)(grads, grads)[0],
+        apply(clip_by_norm(0.5), grads)[0],
         [g * 3.0 for g in grads],
-        clip_by_value(0.2)(grads, grads)[0],
+        apply(clip_by_value(0.2), grads)[0],
     ]
     for (_, transform), reference in zip(answers, expected, strict=True):
-        for ours, theirs in zip(transform(grads, grads)[0], reference, strict=True):
+        for ours, theirs in zip(apply(transform, grads)[0], reference, strict=True):
             torch.testing.assert_close(ours, theirs)
 
 

@@ -132,16 +132,19 @@ def test_a_checkpoint_is_a_plain_torch_file_with_its_checksum_in_the_zip_comment
     assert torch.load(path, weights_only=True)["version"] == checkpoints.VERSION
 
 
-def test_version_1_checkpoints_without_checksum_still_load(tmp_path: Path) -> None:
-    state = {key: {} for key in checkpoints.STATE_KEYS}
-    payload = {"format": checkpoints.FORMAT, "version": 1, "recipe": "r", "config": {}}
-    torch.save(payload | {"plugins": {}, "state": state}, tmp_path / "old.pt")
-    assert load_checkpoint(tmp_path / "old.pt")["version"] == 1
-
-
-def test_a_version_2_checkpoint_stripped_of_its_checksum_is_refused(
-    reference: Path, tmp_path: Path
+@pytest.mark.parametrize("version", [1, 2])
+def test_checkpoints_of_older_versions_are_refused_in_a_sentence(
+    tmp_path: Path, version: int
 ) -> None:
+    """Versions 1 and 2 have no gradient-chain state or step key: nothing to resume from."""
+    state = {key: {} for key in checkpoints.STATE_KEYS}
+    payload = {"format": checkpoints.FORMAT, "version": version, "recipe": "r", "config": {}}
+    torch.save(payload | {"plugins": {}, "state": state}, tmp_path / "old.pt")
+    with pytest.raises(CheckpointUnusable, match=f"format version {version} and this hooktrain"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_a_checkpoint_stripped_of_its_checksum_is_refused(reference: Path, tmp_path: Path) -> None:
     payload = load_checkpoint(reference / CHECKPOINT_FOLDER / LAST)
     torch.save(payload, tmp_path / "stripped.pt")
     with pytest.raises(CheckpointUnusable, match="lost the checksum"):

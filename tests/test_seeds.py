@@ -20,6 +20,7 @@ from hooktrain.core.context import BuildContext
 from hooktrain.core.optim import adam, sgd
 from hooktrain.core.state import TrainState
 from hooktrain.core.step import StepPieces, build_lane_step, build_step
+from hooktrain.core.transforms import Chain, weight_decay_member
 from hooktrain.errors import HooktrainError
 from hooktrain.models import Dropout, hashed_uniform, resnet9
 from hooktrain.plugins.grad_clip import clip_by_norm, clip_by_value
@@ -56,24 +57,24 @@ def test_lane_step_equals_single_steps_in_float64(optimizer: object) -> None:
     eps (1e-8), so they move apart by up to 2e-9 (measured), hence atol 1e-8 on the weights.
     """
     lanes = 3
-    states, shapes = [], None
-    for seed in range(lanes):
-        torch.manual_seed(seed)
-        model = resnet9(10, width=4, dropout=0.2).double().train()
-        shapes = shapes or model
-        states.append(TrainState.create(model, optimizer, seed))
+    states = []
+    torch.manual_seed(0)
+    shapes = resnet9(10, width=4, dropout=0.2).double().train()
     names = tuple(name for name, _ in shapes.named_parameters())
     shapes_by_name = {name: p.shape for name, p in shapes.named_parameters()}
     build = BuildContext(load_recipe("resnet9_cifar10"), shapes_by_name, 12, optimizer)
     decay = WeightDecay(rate=5e-4).hooktrain_weight_decay(build=build)
+    clips = [clip_by_value(0.5), attrs.evolve(clip_by_norm(1.0), name="clip_norm")]
+    chain = Chain.of([*clips, weight_decay_member(decay, names)], optimizer)
     pieces = StepPieces(
         model=shapes,
-        optimizer=optimizer,
+        chain=chain,
         param_names=names,
         schedule=onecycle_schedule(0.05, 12),
-        transforms=[clip_by_value(0.5), clip_by_norm(1.0)],
-        decay=decay,
     )
+    for seed in range(lanes):
+        torch.manual_seed(seed)
+        states.append(TrainState.create(resnet9(10, width=4, dropout=0.2).double(), chain, seed))
     alone_step, together_step = build_step(pieces), build_lane_step(pieces)
     generator = torch.Generator().manual_seed(0)
     alone, together = list(states), list(states)
@@ -346,7 +347,7 @@ def test_dropout_seed_follows_the_run_seed_and_lives_in_the_state() -> None:
     assert torch.equal(seed_of(0), seed_of(0))
     assert not torch.equal(seed_of(0), seed_of(1))
     model = resnet9(10, width=4, dropout=0.2)
-    state = TrainState.create(model, sgd(), seed=0)
+    state = TrainState.create(model, Chain.of([], sgd()), seed=0)
     assert {"6.2.seed", "6.2.calls"} <= state.buffers.keys()
 
 
@@ -354,7 +355,9 @@ def test_a_state_of_views_saves_only_its_own_bytes() -> None:
     """A lane's buffers are slices of a stacked tensor; its checkpoint must not hold them all."""
     stacked = torch.arange(1000.0).reshape(10, 100)
     model = nn.Linear(2, 2)
-    state = TrainState.create(model, sgd(), seed=0).replace(buffers={"slice": stacked[3]})
+    state = TrainState.create(model, Chain.of([], sgd()), seed=0).replace(
+        buffers={"slice": stacked[3]}
+    )
     saved = state.to_dict()["buffers"]["slice"]
     assert torch.equal(saved, stacked[3])
     assert saved.untyped_storage().nbytes() == 100 * 4

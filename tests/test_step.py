@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from hooktrain.core.evaluate import build_evaluate
-from hooktrain.core.optim import adam, make_optimizer, sgd
-from hooktrain.core.pieces import DecayRule
+from hooktrain.core.optim import Optimizer, adam, make_optimizer, sgd
+from hooktrain.core.pieces import DecayRule, GradientTransform
 from hooktrain.core.state import TrainState
 from hooktrain.core.step import StepPieces, build_step, constant_schedule
 from hooktrain.core.task import Classification
+from hooktrain.core.transforms import Chain, weight_decay_member
 from hooktrain.plugins.grad_clip import clip_by_value
 from hooktrain.plugins.onecycle import onecycle_schedule
 
@@ -73,8 +74,21 @@ def torch_groups(model: nn.Module, rate: float) -> list[dict]:
     ]
 
 
+def chain(
+    model: nn.Module,
+    optimizer: Optimizer,
+    transforms: list[GradientTransform] = (),
+    decay: DecayRule | None = None,
+) -> Chain:
+    """The chain the engine composes: the transforms, coupled decay, the optimizer (with
+    decoupled decay right after it)."""
+    names = [n for n, _ in model.named_parameters()]
+    decay_members = [] if decay is None else [weight_decay_member(decay, names)]
+    return Chain.of([*transforms, *decay_members], optimizer)
+
+
 def run_ours(pieces: StepPieces, model: nn.Module, data) -> TrainState:
-    state = TrainState.create(model, pieces.optimizer, seed=0)
+    state = TrainState.create(model, pieces.chain, seed=0)
     step = build_step(pieces)
     for batch in data:
         state, _ = step(state, batch)
@@ -128,12 +142,12 @@ def test_optimizer_with_weight_decay_groups_matches_torch_optim(kind: str) -> No
 
     names = tuple(n for n, _ in model.named_parameters())
     lr_table = torch.tensor(lrs)
+    decay = DecayRule(rate_of=lambda n: rate if decays(n) else 0.0, decoupled=decoupled)
     pieces = StepPieces(
         model=model,
-        optimizer=make_ours(),
+        chain=chain(model, make_ours(), decay=decay),
         param_names=names,
         schedule=lambda step: lr_table[step],
-        decay=DecayRule(rate_of=lambda n: rate if decays(n) else 0.0, decoupled=decoupled),
     )
     assert_same_model(run_ours(pieces, model, batches()), reference)
 
@@ -155,33 +169,34 @@ def test_seed_training_loop_matches_plain_pytorch() -> None:
         optimizer.step()
         scheduler.step()
 
+    optimizer = make_optimizer("adam", betas=(0.9, 0.999), eps=1e-8, momentum=0, nesterov=False)
     pieces = StepPieces(
         model=model,
-        optimizer=make_optimizer("adam", betas=(0.9, 0.999), eps=1e-8, momentum=0, nesterov=False),
+        chain=chain(model, optimizer, [clip_by_value(0.1)], DecayRule(rate_of=lambda n: 1e-4)),
         param_names=tuple(n for n, _ in model.named_parameters()),
         schedule=onecycle_schedule(max_lr, steps),
-        transforms=[clip_by_value(0.1)],
-        decay=DecayRule(rate_of=lambda n: 1e-4),
     )
     assert_same_model(run_ours(pieces, model, data), reference)
 
 
 def test_step_is_pure_and_reports_device_metrics() -> None:
     model = small_net()
-    optimizer = adam()
     pieces = StepPieces(
         model=model,
-        optimizer=optimizer,
+        chain=chain(model, adam(), [clip_by_value(0.1)]),
         param_names=tuple(n for n, _ in model.named_parameters()),
         schedule=constant_schedule(0.01),
-        transforms=[clip_by_value(0.1)],
     )
-    state = TrainState.create(model, optimizer, seed=0)
+    state = TrainState.create(model, pieces.chain, seed=0)
     before = {k: v.clone() for k, v in {**state.params, **state.buffers}.items()}
+    key_before = state.key.clone()
     new_state, metrics = build_step(pieces)(state, batches(1)[0])
     for name, tensor in {**state.params, **state.buffers}.items():
         assert torch.equal(tensor, before[name]), f"the step wrote to its input {name}"
+    assert torch.equal(state.key, key_before), "the step wrote to its input key"
     assert new_state.step == 1 and int(new_state.opt_state["count"]) == 1
+    # The key keeps its seed and counts the step: in-step randomness differs step by step.
+    assert new_state.key[0] == state.key[0] and int(new_state.key[1]) == 1
     assert set(metrics) == {"loss", "lr", "grad_norm"}
     assert all(v.dim() == 0 for v in metrics.values())
     assert float(metrics["lr"]) == pytest.approx(0.01)
@@ -191,7 +206,10 @@ def test_evaluate_matches_the_model_in_eval_mode() -> None:
     model = small_net()
     state = run_ours(
         StepPieces(
-            model, adam(), tuple(n for n, _ in model.named_parameters()), constant_schedule(0.01)
+            model,
+            chain(model, adam()),
+            tuple(n for n, _ in model.named_parameters()),
+            constant_schedule(0.01),
         ),
         model,
         batches(3),
@@ -208,25 +226,28 @@ def test_evaluate_matches_the_model_in_eval_mode() -> None:
 
 
 def test_compiled_step_matches_eager() -> None:
-    """One compile of the whole step (forward, backward, clip, decay, Adam): ~30 s on CPU."""
+    """One compile of the whole step (forward, backward, clip, decay, Adam): ~30 s on CPU,
+    and no recompile after it."""
     model = small_net()
     names = tuple(n for n, _ in model.named_parameters())
+    decay = DecayRule(rate_of=lambda n: 1e-4 if decays(n) else 0.0)
     pieces = StepPieces(
         model=model,
-        optimizer=adam(),
+        chain=chain(model, adam(), [clip_by_value(0.1)], decay),
         param_names=names,
         schedule=onecycle_schedule(0.01, STEPS),
-        transforms=[clip_by_value(0.1)],
-        decay=DecayRule(rate_of=lambda n: 1e-4 if decays(n) else 0.0),
     )
     results = []
     for compile in (False, True):
-        state = TrainState.create(model, pieces.optimizer, seed=0)
+        state = TrainState.create(model, pieces.chain, seed=0)
         step = build_step(pieces, compile=compile)
         losses = []
-        for batch in batches():
-            state, metrics = step(state, batch)
-            losses.append(float(metrics["loss"]))
+        # One compile serves every step: a state that came back in other containers, or a
+        # Python number that changes, would recompile (and raise here).
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for batch in batches():
+                state, metrics = step(state, batch)
+                losses.append(float(metrics["loss"]))
         results.append((state, losses))
     (eager, eager_losses), (compiled, compiled_losses) = results
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-7)

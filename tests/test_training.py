@@ -110,9 +110,11 @@ def test_installed_third_party_plugin_is_listed_and_used(tiny_cifar: Path, tmp_p
 
     listing = hooktrain("list")
     assert "focal_loss" in listing and "the focal loss (Lin et al., 2017)" in listing
+    assert "per_class_accuracy" in listing
 
     runs = {}
     with_plugin = ["--with", "focal_loss", "--set", "focal_loss.gamma=1.5"]
+    with_plugin += ["--with", "per_class_accuracy"]
     for name, extra in (("plain", []), ("focal", with_plugin)):
         runs[name] = tmp_path / name
         hooktrain(
@@ -129,3 +131,8 @@ def test_installed_third_party_plugin_is_listed_and_used(tiny_cifar: Path, tmp_p
 
     # Same seed, data and plugins otherwise: a different loss means the plugin's loss was used.
     assert abs(train_loss(runs["focal"]) - train_loss(runs["plain"])) > 1e-3
+    # The per-class accuracies join the report; the overall accuracy is their weighted mean.
+    epoch = json.loads((runs["focal"] / "metrics.json").read_text())["epochs"][0]
+    per_class = [epoch[f"test_class_{c}_accuracy"] for c in range(10)]
+    assert min(per_class) <= epoch["test_accuracy"] <= max(per_class)
+    assert all(0 <= value <= 1 for value in per_class)

@@ -10,13 +10,15 @@ import attrs
 import torch
 from torch import nn
 
+from hooktrain.core.task import Classification, Task
+from hooktrain.errors import HooktrainError
 from hooktrain.run.files import resume_command
 
 if TYPE_CHECKING:
     from hooktrain.config.recipe import Recipe
     from hooktrain.core.optim import Optimizer
+    from hooktrain.core.pieces import ParamGroups
     from hooktrain.core.state import TrainState
-    from hooktrain.core.task import Task
     from hooktrain.data.device import DeviceData
 
 
@@ -25,13 +27,19 @@ class BuildContext:
     """What build hooks may base their pieces on.
 
     ``param_shapes`` maps the model's parameter names to shapes, in the order gradient
-    transforms receive the parameters.
+    transforms receive the parameters. ``optimizer`` is the recipe's optimizer until a plugin
+    claims the optimizer, then the claimant's; ``groups`` the parameter groups a plugin made
+    (None without). ``task`` is the run's loss and metrics, ``facts`` what the model factory
+    was told (``num_classes``, ``num_outputs``, ``input_shape``, ``in_channels``).
     """
 
     recipe: Recipe
     param_shapes: dict[str, torch.Size]
     steps_per_epoch: int
     optimizer: Optimizer
+    task: Task = attrs.field(factory=Classification)
+    facts: dict[str, Any] = attrs.field(factory=dict)
+    groups: ParamGroups | None = None
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -96,7 +104,10 @@ class RunContext:
     together in lockstep are ``lanes`` runs, this one is number ``lane`` (from 0); each has
     its own folder and plugin instances. ``task`` is the run's loss and metrics. Under
     torchrun this process is ``rank`` of ``world_size``, each training a replica of the one
-    model.
+    model. ``model`` is that model as a shape (its tensors are not the state's: call it with
+    ``torch.func.functional_call(run.model, (params, buffers), x)``; ``swa`` recomputes
+    BatchNorm statistics so). ``log(scalars, step)`` sends a plugin's own figures to the run's
+    loggers (the ``metrics`` plugin's TensorBoard), through the ``hooktrain_log_scalars`` hook.
     """
 
     recipe: Recipe
@@ -113,6 +124,8 @@ class RunContext:
     lanes: int = 1
     rank: int = 0
     world_size: int = 1
+    log: Callable[[dict[str, float], int], None] = lambda scalars, step: None
+    model: nn.Module | None = None
 
     @property
     def is_main(self) -> bool:
@@ -130,6 +143,34 @@ class RunContext:
         target metric on validation with a ``val_split``, else on test."""
         split = "val" if self.recipe.val_split else "test"
         return f"{split}_{self.task.target_metric}"
+
+    @property
+    def reported_metrics(self) -> tuple[str, ...]:
+        """The task's metrics every epoch reports, by split: ``val_*`` with a ``val_split``,
+        then ``test_*`` (``val_accuracy``, ``test_accuracy``, ``test_loss``)."""
+        splits = ("val", "test") if self.recipe.val_split else ("test",)
+        return tuple(f"{split}_{name}" for split in splits for name in self.task.metric_names)
+
+    def chosen_metric(self, plugin: str, setting: str, value: str) -> str:
+        """The metric a plugin's ``setting`` names (``checkpoint.best_by``,
+        ``early_stopping.metric``): ``auto`` is :attr:`chosen_by`; a name this run does not
+        report is refused in a sentence listing those it does."""
+        name = self.chosen_by if value == "auto" else value
+        if name not in self.reported_metrics:
+            raise HooktrainError(
+                f"{plugin}.{setting} is {value!r}, which this run does not report; choose auto "
+                f"or one of {', '.join(self.reported_metrics)} with --set {plugin}.{setting}=NAME."
+            )
+        return name
+
+    def higher_is_better(self, metric: str) -> bool:
+        """Whether a larger value of the reported ``metric`` is better: for the task's target
+        metric as the task says; the built-in tasks' others are losses and errors (``loss``,
+        ``mse``, ``mae``), which fall as a model improves, or scores (``top5``), which rise."""
+        name = metric.partition("_")[2]
+        if name == self.task.target_metric:
+            return self.task.higher_is_better
+        return name not in ("loss", "mse", "mae")
 
     @property
     def resume_command(self) -> str:

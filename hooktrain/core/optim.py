@@ -5,15 +5,17 @@ pure function. All arithmetic goes through ``torch._foreach_*`` ops, one kernel 
 parameters on a device, as ``torch.optim``'s foreach path does. The learning rate arrives as a
 0-d tensor so a schedule that changes it every step never recompiles a compiled step.
 
-Weight decay lives beside the optimizers rather than inside them (:func:`add_coupled_decay`,
-:func:`apply_decoupled_decay`), so a plugin decides which parameters decay by name and the same
-update serves Adam (coupled L2, as ``torch.optim.Adam(weight_decay=...)``) and AdamW (decoupled).
+``update`` returns the parameters' *updates* (new params = params + updates), so members of the
+chain after the optimizer (decoupled weight decay, parameter groups' learning rates, Lookahead)
+rewrite them as optax's transformations do (:mod:`hooktrain.core.transforms`). Weight decay
+lives in that chain rather than in the optimizers, so a plugin decides which parameters decay by
+name and the same update serves Adam (coupled L2) and AdamW (decoupled).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -32,8 +34,10 @@ Tensors = list[torch.Tensor]
 class Optimizer:
     """A functional optimizer.
 
-    ``init(params) -> opt_state``; ``update(grads, opt_state, params, lr) -> (params, opt_state)``.
-    ``decoupled_decay`` says which weight-decay form the optimizer's name promises (AdamW).
+    ``init(params) -> opt_state``; ``update(grads, opt_state, params, lr) -> (updates,
+    opt_state)``, where the updates are what the parameters change by (already scaled by the
+    learning rate, and negative for a descent). ``decoupled_decay`` says which weight-decay form
+    the optimizer's name promises (AdamW).
     """
 
     name: str
@@ -77,9 +81,8 @@ def adam(
         denom = torch._foreach_div(torch._foreach_sqrt(exp_avg_sq), bias_correction2_sqrt)
         denom = torch._foreach_add(denom, eps)
         direction = torch._foreach_div(exp_avg, denom)
-        direction = torch._foreach_mul(direction, lr / bias_correction1)
-        new_params = torch._foreach_sub(params, direction)
-        return new_params, {"count": count, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        updates = torch._foreach_mul(direction, -lr / bias_correction1)
+        return updates, {"count": count, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
     return Optimizer("adamw" if decoupled_decay else "adam", init, update, decoupled_decay)
 
@@ -100,8 +103,10 @@ def sgd(momentum: float = 0.9, nesterov: bool = True) -> Optimizer:
         # momentum * 0 + grad, so a zero start needs no first-step branch.
         buffer = torch._foreach_add(torch._foreach_mul(state["momentum_buffer"], momentum), grads)
         direction = torch._foreach_add(grads, buffer, alpha=momentum) if nesterov else buffer
-        new_params = torch._foreach_sub(params, torch._foreach_mul(direction, lr))
-        return new_params, {"count": state["count"] + 1, "momentum_buffer": buffer}
+        return torch._foreach_mul(direction, -lr), {
+            "count": state["count"] + 1,
+            "momentum_buffer": buffer,
+        }
 
     return Optimizer("sgd", init, update)
 
@@ -122,45 +127,6 @@ def make_optimizer(
     raise HooktrainError(
         f"Unknown optimizer {name!r}: set optimizer to one of {', '.join(OPTIMIZER_NAMES)}."
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Weight decay, grouped by rate so each group is one foreach call
-# --------------------------------------------------------------------------------------------
-
-DecayGroups = tuple[tuple[float, tuple[int, ...]], ...]
-"""``((rate, parameter indices), ...)`` for every non-zero rate."""
-
-
-def group_by_rate(rates: Sequence[float]) -> DecayGroups:
-    """Group parameter indices by decay rate, leaving out the parameters that do not decay."""
-    groups: dict[float, list[int]] = {}
-    for index, rate in enumerate(rates):
-        if rate:
-            groups.setdefault(rate, []).append(index)
-    return tuple((rate, tuple(indices)) for rate, indices in groups.items())
-
-
-def add_coupled_decay(grads: Tensors, params: Tensors, groups: DecayGroups) -> Tensors:
-    """L2 decay: ``grad + rate * param`` for every decaying parameter."""
-    grads = list(grads)
-    for rate, indices in groups:
-        decayed = torch._foreach_add(
-            [grads[i] for i in indices], [params[i] for i in indices], alpha=rate
-        )
-        for i, grad in zip(indices, decayed, strict=True):
-            grads[i] = grad
-    return grads
-
-
-def apply_decoupled_decay(params: Tensors, lr: torch.Tensor, groups: DecayGroups) -> Tensors:
-    """AdamW decay: ``param * (1 - lr * rate)`` for every decaying parameter."""
-    params = list(params)
-    for rate, indices in groups:
-        shrunk = torch._foreach_mul([params[i] for i in indices], 1 - lr * rate)
-        for i, param in zip(indices, shrunk, strict=True):
-            params[i] = param
-    return params
 
 
 def recipe_optimizer(recipe: Recipe) -> Optimizer:

@@ -25,6 +25,14 @@ BUILTIN_PLUGINS = {
     "nan_guard": "hooktrain.plugins.nan_guard:NanGuard",
     "data_parallel": "hooktrain.plugins.data_parallel:DataParallel",
     "metrics": "hooktrain.plugins.metrics:Metrics",
+    "mixup": "hooktrain.plugins.mixup:MixUp",
+    "cutmix": "hooktrain.plugins.cutmix:CutMix",
+    "lion": "hooktrain.plugins.lion:Lion",
+    "lookahead": "hooktrain.plugins.lookahead:Lookahead",
+    "sam": "hooktrain.plugins.sam:SAM",
+    "grad_accumulation": "hooktrain.plugins.grad_accumulation:GradAccumulation",
+    "early_stopping": "hooktrain.plugins.early_stopping:EarlyStopping",
+    "swa": "hooktrain.plugins.swa:SWA",
 }
 
 
@@ -58,6 +66,21 @@ class Plugin:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take back what :meth:`state_dict` returned."""
+
+
+def check_saved_tensors(
+    plugin: Plugin, saved: dict[str, Any], model: dict[str, Any], *, every_name: bool = True
+) -> None:
+    """Refuse in a sentence a plugin's saved tensors (restored from a checkpoint) that are not
+    the model's: names (all of them with ``every_name``, else some), shapes and dtypes."""
+    names_fit = saved.keys() == model.keys() if every_name else saved.keys() <= model.keys()
+    if not names_fit or any(
+        t.shape != model[n].shape or t.dtype != model[n].dtype for n, t in saved.items()
+    ):
+        raise HooktrainError(
+            f"The saved state of the plugin {plugin.name!r} does not fit this model's "
+            "parameters; use the checkpoint with the recipe and settings that wrote it."
+        )
 
 
 def setting(
@@ -156,6 +179,24 @@ def contributions(manager: pluggy.PluginManager, hook_name: str, **kwargs: Any) 
         if result is not None:
             results.append((impl.plugin_name, result))
     return results
+
+
+def chained(
+    manager: pluggy.PluginManager, hook_name: str, value_name: str, value: Any, **kwargs: Any
+) -> Any:
+    """``value`` passed through every plugin answering ``hook_name`` in call order: each
+    receives the previous answer as ``value_name`` (None keeps it)."""
+    for impl in reversed(getattr(manager.hook, hook_name).get_hookimpls()):
+        arguments = {**kwargs, value_name: value}
+        result = impl.function(*(arguments[arg] for arg in impl.argnames))
+        if result is not None:
+            value = result
+    return value
+
+
+def implemented(manager: pluggy.PluginManager, hook_name: str) -> bool:
+    """Whether any plugin implements ``hook_name``."""
+    return bool(getattr(manager.hook, hook_name).get_hookimpls())
 
 
 def sole_contribution(manager: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -14,25 +15,30 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from hooktrain.core.optim import (
-    Optimizer,
-    OptState,
-    add_coupled_decay,
-    apply_decoupled_decay,
-    group_by_rate,
+from hooktrain.core.optim import OptState
+from hooktrain.core.pieces import (
+    BatchTransform,
+    Draws,
+    GradientFn,
+    LossFn,
+    LRSchedule,
+    NamedTensors,
+    Replicas,
 )
-from hooktrain.core.pieces import DecayRule, GradientTransform, LossFn, LRSchedule, Replicas
-from hooktrain.core.state import TrainState
+from hooktrain.core.state import TrainState, as_created
+from hooktrain.core.transforms import Chain
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-NamedTensors = dict[str, torch.Tensor]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, torch.Tensor]]]
 LaneStepFn = Callable[
     [Sequence[TrainState], Sequence[Batch]],
     tuple[list[TrainState], list[dict[str, torch.Tensor]]],
 ]
+GradientWrapper = Callable[[GradientFn], GradientFn]
+"""``wrap(gradients) -> gradients``: a new way to get gradients from (params, batch), built on
+the one it wraps (SAM's two passes, accumulation over micro-batches)."""
 GradientsFn = Callable[..., tuple[NamedTensors, torch.Tensor, NamedTensors]]
-UpdateFn = Callable[..., tuple[NamedTensors, OptState, dict[str, torch.Tensor]]]
+UpdateFn = Callable[..., tuple[NamedTensors, OptState, dict, dict[str, torch.Tensor]]]
 
 
 def constant_schedule(lr: float) -> LRSchedule:
@@ -42,17 +48,21 @@ def constant_schedule(lr: float) -> LRSchedule:
 
 @attrs.frozen
 class StepPieces:
-    """Everything the step is composed of; plugins contribute all but the model and optimizer."""
+    """Everything the step is composed of; plugins contribute all but the model.
+
+    The step runs, in order: the batch transforms (in the order given), the gradients (the
+    wrappers applied in order, the first innermost), the replicas' averaging, the chain.
+    """
 
     model: nn.Module
-    optimizer: Optimizer
+    chain: Chain
     param_names: tuple[str, ...]
     schedule: LRSchedule
-    transforms: Sequence[GradientTransform] = ()
-    decay: DecayRule | None = None
     loss: LossFn = F.cross_entropy
     autocast_dtype: torch.dtype | None = None
     replicas: Replicas | None = None
+    batch_transforms: Sequence[BatchTransform] = ()
+    gradient_wrappers: Sequence[GradientWrapper] = ()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -93,9 +103,6 @@ def _step_halves(pieces: StepPieces, traced: bool) -> tuple[GradientsFn, UpdateF
     ``traced``: the gradients will run under vmap or torch.compile, so torch.func computes them.
     """
     names = pieces.param_names
-    decay_rates = [pieces.decay.rate_of(n) if pieces.decay else 0.0 for n in names]
-    decay_groups = group_by_rate(decay_rates)
-    decoupled = pieces.decay is not None and pieces.decay.decoupled
 
     def loss_and_buffers(
         params: NamedTensors, buffers: NamedTensors, x: torch.Tensor, y: torch.Tensor
@@ -109,7 +116,7 @@ def _step_halves(pieces: StepPieces, traced: bool) -> tuple[GradientsFn, UpdateF
     else:
         value_and_grads = _autograd_grad_and_value(loss_and_buffers)
 
-    def gradients(
+    def model_gradients(
         params: NamedTensors, buffers: NamedTensors, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[NamedTensors, torch.Tensor, NamedTensors]:
         # Modules update running statistics in place: they get copies, the input stays intact.
@@ -117,22 +124,36 @@ def _step_halves(pieces: StepPieces, traced: bool) -> tuple[GradientsFn, UpdateF
         grads, (loss, new_buffers) = value_and_grads(params, fresh_buffers, x, y)
         return grads, loss.detach(), new_buffers
 
+    batch_gradients: GradientFn = model_gradients
+    for wrap in pieces.gradient_wrappers:
+        batch_gradients = wrap(batch_gradients)
+
+    def gradients(
+        params: NamedTensors,
+        buffers: NamedTensors,
+        key: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> tuple[NamedTensors, torch.Tensor, NamedTensors]:
+        draws = Draws(key)
+        for transform in pieces.batch_transforms:
+            x, y = transform(x, y, draws)
+        return batch_gradients(params, buffers, x, y)
+
     def update(
-        params: NamedTensors, grads: NamedTensors, opt_state: OptState, loss: torch.Tensor
-    ) -> tuple[NamedTensors, OptState, dict[str, torch.Tensor]]:
-        lr = pieces.schedule(opt_state["count"])
-        param_list = [params[n] for n in names]
-        grad_list = [grads[n] for n in names]
-        metrics = {"loss": loss, "lr": lr}
-        for transform in pieces.transforms:
-            grad_list, transform_metrics = transform(grad_list, param_list)
-            metrics.update(transform_metrics)
-        if decoupled:
-            param_list = apply_decoupled_decay(param_list, lr, decay_groups)
-        else:
-            grad_list = add_coupled_decay(grad_list, param_list, decay_groups)
-        new_params, new_opt_state = pieces.optimizer.update(grad_list, opt_state, param_list, lr)
-        return dict(zip(names, new_params, strict=True)), new_opt_state, metrics
+        params: NamedTensors,
+        grads: NamedTensors,
+        opt_state: OptState,
+        transform_states: dict[str, Any],
+        key: torch.Tensor,
+        loss: torch.Tensor,
+    ) -> tuple[NamedTensors, OptState, dict[str, Any], dict[str, torch.Tensor]]:
+        lr = pieces.schedule(key[1])
+        new_params, new_opt_state, new_states, chain_metrics = pieces.chain.update(
+            [grads[n] for n in names], opt_state, transform_states, [params[n] for n in names], lr
+        )
+        metrics = {"loss": loss, "lr": lr, **chain_metrics}
+        return dict(zip(names, new_params, strict=True)), new_opt_state, new_states, metrics
 
     return gradients, update
 
@@ -154,28 +175,42 @@ def build_step(pieces: StepPieces, compile: bool = False, compile_mode: str = "d
         params: NamedTensors,
         buffers: NamedTensors,
         opt_state: OptState,
+        transform_states: dict[str, Any],
+        key: torch.Tensor,
         x: torch.Tensor,
         y: torch.Tensor,
-    ) -> tuple[NamedTensors, NamedTensors, OptState, dict[str, torch.Tensor]]:
-        grads, loss, new_buffers = gradients(params, buffers, x, y)
+    ) -> tuple[NamedTensors, NamedTensors, OptState, dict[str, Any], torch.Tensor, dict]:
+        grads, loss, new_buffers = gradients(params, buffers, key, x, y)
         if pieces.replicas is not None:
             grads, loss, new_buffers = _average_replicas(pieces.replicas, grads, loss, new_buffers)
-        new_params, new_opt_state, metrics = update(params, grads, opt_state, loss)
-        return new_params, new_buffers, new_opt_state, metrics
+        new_params, new_opt_state, new_states, metrics = update(
+            params, grads, opt_state, transform_states, key, loss
+        )
+        return new_params, new_buffers, new_opt_state, new_states, _tick(key), metrics
 
     core = torch.compile(pure_step, mode=compile_mode) if compile else pure_step
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, torch.Tensor]]:
         x, y = batch
-        params, buffers, opt_state, metrics = core(
-            state.params, state.buffers, state.opt_state, x, y
+        params, buffers, opt_state, transforms, key, metrics = core(
+            state.params, state.buffers, state.opt_state, state.transforms, state.key, x, y
         )
         new_state = state.replace(
-            step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state
+            step=state.step + 1,
+            params=params,
+            buffers=buffers,
+            opt_state=as_created(opt_state),
+            transforms=as_created(transforms),
+            key=key,
         )
         return new_state, metrics
 
     return step
+
+
+def _tick(key: torch.Tensor) -> torch.Tensor:
+    """The key after one more step: the same seed, the step count one higher."""
+    return key + torch.tensor([0, 1], dtype=key.dtype, device=key.device)
 
 
 def _average_replicas(
@@ -210,38 +245,59 @@ def build_lane_step(
         params: list[NamedTensors],
         buffers: list[NamedTensors],
         opt_states: list[OptState],
+        transform_states: list[dict[str, Any]],
+        keys: list[torch.Tensor],
         xs: list[torch.Tensor],
         ys: list[torch.Tensor],
-    ) -> tuple[list[NamedTensors], list[NamedTensors], list[OptState], list[dict]]:
+    ) -> tuple[list, list, list, list, list, list]:
         grads, losses, new_buffers = lane_gradients(
-            _stack(params), _stack(buffers), torch.stack(xs), torch.stack(ys)
+            _stack(params), _stack(buffers), torch.stack(keys), torch.stack(xs), torch.stack(ys)
         )
         lanes = range(len(params))
         updates = [
-            update(params[i], {n: g[i] for n, g in grads.items()}, opt_states[i], losses[i])
+            update(
+                params[i],
+                {n: g[i] for n, g in grads.items()},
+                opt_states[i],
+                transform_states[i],
+                keys[i],
+                losses[i],
+            )
             for i in lanes
         ]
         lane_buffers = [{n: b[i] for n, b in new_buffers.items()} for i in lanes]
-        new_params, new_opt_states, metrics = (
+        new_params, new_opt_states, new_states, metrics = (
             list(column) for column in zip(*updates, strict=True)
         )
-        return new_params, lane_buffers, new_opt_states, metrics
+        new_keys = [_tick(key) for key in keys]
+        return new_params, lane_buffers, new_opt_states, new_states, new_keys, metrics
 
     core = torch.compile(pure_lane_step, mode=compile_mode) if compile else pure_lane_step
 
     def step(
         states: Sequence[TrainState], batches: Sequence[Batch]
     ) -> tuple[list[TrainState], list[dict[str, torch.Tensor]]]:
-        params, buffers, opt_states, metrics = core(
+        params, buffers, opt_states, transforms, keys, metrics = core(
             [s.params for s in states],
             [s.buffers for s in states],
             [s.opt_state for s in states],
+            [s.transforms for s in states],
+            [s.key for s in states],
             [x for x, _ in batches],
             [y for _, y in batches],
         )
         new_states = [
-            state.replace(step=state.step + 1, params=p, buffers=b, opt_state=o)
-            for state, p, b, o in zip(states, params, buffers, opt_states, strict=True)
+            state.replace(
+                step=state.step + 1,
+                params=lane_params,
+                buffers=lane_buffers,
+                opt_state=as_created(opt_state),
+                transforms=as_created(lane_transforms),
+                key=key,
+            )
+            for state, lane_params, lane_buffers, opt_state, lane_transforms, key in zip(
+                states, params, buffers, opt_states, transforms, keys, strict=True
+            )
         ]
         return new_states, metrics
 

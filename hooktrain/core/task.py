@@ -94,10 +94,19 @@ class Classification:
                 "The classification task needs the names of the data's classes, and the data "
                 "has none; give it a folder per class, or use the regression task."
             )
+        if targets.is_floating_point():
+            raise HooktrainError(
+                f"The classification task needs one class index (a whole number) per example, "
+                f"but the training targets are {targets.dtype} of shape {tuple(targets.shape)}; "
+                "use the regression task for targets that are measurements."
+            )
         return len(classes)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        _check_classification(outputs, targets)
+        """Mean cross-entropy against class indices, or against class probabilities of the
+        outputs' shape (what mixup and cutmix make of the targets)."""
+        if not (targets.is_floating_point() and targets.shape == outputs.shape):
+            _check_classification(outputs, targets)
         return F.cross_entropy(outputs, targets)
 
     def metric_sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:

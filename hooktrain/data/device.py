@@ -38,7 +38,7 @@ CIFAR10_CLASSES: tuple[str, ...] = (
     "truck",
 )
 IMAGE_SIZE = 32
-EVAL_SPLITS = ("test", "val")
+EVAL_SPLITS = ("test", "val", "train")
 # Fixed seeds, not the run's: which images are held out or used is part of the experiment, not
 # its noise, and stays the same whatever the run's seed.
 VAL_SEED = 1
@@ -349,21 +349,27 @@ class DeviceData:
         return self._model_input(x), self.train.targets[order]
 
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
-        """The whole `split` ("test" or "val") in order, in batches of `eval_batch_size`, with
-        only the deterministic pieces applied.
+        """The whole `split` ("test", "val" or "train") in order, in batches of
+        `eval_batch_size`, with only the deterministic pieces applied (no augmentation).
 
         A data-parallel process gets every `shards`-th batch from its `shard`-th on; the
         processes' sums together cover the split.
         """
-        if split not in EVAL_SPLITS:
-            raise HooktrainError(f"Unknown evaluation split {split!r}; use 'test' or 'val'.")
-        data = self.test if split == "test" else self.val
+        data = self.split(split)
         no_draws = ({},) * len(self._eval_chain.pieces)
         step = self.eval_batch_size * self.shards
         for start in range(self.shard * self.eval_batch_size, len(data), step):
             end = start + self.eval_batch_size
             x = self._eval_chain.apply(data.inputs[start:end], None, no_draws)
             yield self._model_input(x), data.targets[start:end]
+
+    def split(self, name: str) -> Split:
+        """The split called ``name``: "train", "val" or "test"."""
+        if name not in EVAL_SPLITS:
+            raise HooktrainError(
+                f"Unknown split {name!r}; use {', '.join(repr(n) for n in EVAL_SPLITS)}."
+            )
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Undo the chain's Normalize on NCHW (or CHW) input, clamped to [0, 1] for grids."""

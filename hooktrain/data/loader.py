@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from hooktrain.data.augment import Augmentation
 from hooktrain.data.device import (
-    EVAL_SPLITS,
     DeviceData,
     EpochPlan,
     Split,
@@ -220,10 +219,9 @@ class LoaderData(DeviceData):
         return self._model_input(self._chain.apply(x, None, draws)), y
 
     def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
-        """DeviceData's evaluation batches of `split` ("test" or "val"), read by the workers."""
-        if split not in EVAL_SPLITS:
-            raise HooktrainError(f"Unknown evaluation split {split!r}; use 'test' or 'val'.")
-        rows = (self.test if split == "test" else self.val).rows
+        """DeviceData's evaluation batches of `split` ("test", "val" or "train"), read by the
+        workers."""
+        rows = self.split(split).rows
         step = self.eval_batch_size * self.shards
         starts = range(self.shard * self.eval_batch_size, len(rows), step)
         batches = [rows[start : start + self.eval_batch_size] for start in starts]

@@ -61,31 +61,21 @@ class Checkpoint(Plugin):
         self.best_score = None if score is None else float(score)
 
     def _metric(self, run: RunContext) -> str:
-        return run.chosen_by if self.best_by == "auto" else self.best_by
+        return run.chosen_metric(self.name, "best_by", self.best_by)
 
     def _improved(self, run: RunContext, report: EpochReport) -> bool:
         name = self._metric(run)
         score = report.metrics[name]
         if score != score:  # NaN is never the best
             return False
-        metric = name.partition("_")[2]
-        if metric == run.task.target_metric:
-            higher = run.task.higher_is_better
-        else:  # the built-in tasks' other metrics: errors and losses fall as a model improves
-            higher = metric not in ("loss", "mse", "mae")
+        higher = run.higher_is_better(name)
         return self.best_score is None or (
             score > self.best_score if higher else score < self.best_score
         )
 
     @hookimpl
     def hooktrain_fit_start(self, run: RunContext, state: TrainState) -> None:
-        splits = ("val", "test") if run.recipe.val_split else ("test",)
-        reported = [f"{split}_{name}" for split in splits for name in run.task.metric_names]
-        if self._metric(run) not in reported:
-            raise HooktrainError(
-                f"{self.name}.best_by is {self.best_by!r}, which this run does not report; "
-                f"choose auto or one of {', '.join(reported)} with --set {self.name}.best_by=NAME."
-            )
+        self._metric(run)  # refuses a metric the run does not report
         self._saved_step = state.step
         remove_stale_temp_files(self._folder(run))
 
@@ -121,7 +111,10 @@ class Checkpoint(Plugin):
             self._save_last(run, state)
 
     @hookimpl(trylast=True)
-    def hooktrain_fit_end(self, run: RunContext) -> None:
+    def hooktrain_fit_end(self, run: RunContext, state: TrainState) -> None:
+        # A run a plugin stopped may end at an epoch that was not due for saving.
+        if state.step != self._saved_step and self._savable(run, state):
+            self._save_last(run, state)
         if self._failure is not None:
             redo = "the steps after it" if self._earlier(run) else "the run from its start"
             raise HooktrainError(

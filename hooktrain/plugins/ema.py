@@ -8,9 +8,8 @@ import attrs
 import torch
 
 from hooktrain.core.hookspecs import hookimpl
-from hooktrain.core.plugin import Plugin, setting
+from hooktrain.core.plugin import Plugin, check_saved_tensors, setting
 from hooktrain.core.state import TrainState
-from hooktrain.errors import HooktrainError
 
 
 @attrs.define
@@ -66,12 +65,4 @@ class EMA(Plugin):
 
     def _check_fits(self, state: TrainState) -> None:
         """Refuse a saved average that is not one of this model's parameters."""
-        average = self._average or {}
-        if average.keys() != state.params.keys() or any(
-            average[name].shape != p.shape or average[name].dtype != p.dtype
-            for name, p in state.params.items()
-        ):
-            raise HooktrainError(
-                f"The saved state of the plugin {self.name!r} does not fit this model's "
-                "parameters; use the checkpoint with the recipe and settings that wrote it."
-            )
+        check_saved_tensors(self, self._average or {}, state.params)

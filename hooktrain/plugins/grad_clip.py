@@ -25,23 +25,23 @@ def global_norm(grads: Tensors) -> torch.Tensor:
 def clip_by_value(limit: float) -> GradientTransform:
     """Clamp every gradient element to ``[-limit, limit]``; report the pre-clip global norm."""
 
-    def transform(grads: Tensors, params: Tensors) -> tuple[Tensors, dict[str, torch.Tensor]]:
+    def clip(grads: Tensors, params: Tensors) -> tuple[Tensors, dict[str, torch.Tensor]]:
         clipped = torch._foreach_clamp_max(torch._foreach_clamp_min(grads, -limit), limit)
         return clipped, {"grad_norm": global_norm(grads)}
 
-    return transform
+    return GradientTransform.stateless("grad_clip", clip)
 
 
 def clip_by_norm(max_norm: float) -> GradientTransform:
     """Scale all gradients down together so their global norm is at most ``max_norm``."""
 
-    def transform(grads: Tensors, params: Tensors) -> tuple[Tensors, dict[str, torch.Tensor]]:
+    def clip(grads: Tensors, params: Tensors) -> tuple[Tensors, dict[str, torch.Tensor]]:
         norm = global_norm(grads)
         # The same epsilon and clamp as torch.nn.utils.clip_grad_norm_.
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         return torch._foreach_mul(grads, scale), {"grad_norm": norm}
 
-    return transform
+    return GradientTransform.stateless("grad_clip", clip)
 
 
 @attrs.define
@@ -57,4 +57,5 @@ class GradClip(Plugin):
 
     @hookimpl
     def hooktrain_gradient_transform(self, build: BuildContext) -> GradientTransform:
-        return clip_by_value(self.max) if self.mode == "value" else clip_by_norm(self.max)
+        member = clip_by_value(self.max) if self.mode == "value" else clip_by_norm(self.max)
+        return attrs.evolve(member, name=self.name)

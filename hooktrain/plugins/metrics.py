@@ -266,9 +266,15 @@ class Metrics(Plugin):
         self._write_json(run, finished=False)
 
     @hookimpl
-    def hooktrain_fit_end(self, run: RunContext, report: EpochReport) -> None:
+    def hooktrain_log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        self._log(lambda writer: [writer.add_scalar(k, v, step) for k, v in scalars.items()])
+
+    @hookimpl
+    def hooktrain_fit_end(
+        self, run: RunContext, report: EpochReport, stop_reason: str | None
+    ) -> None:
         self._close_bar()
-        self._write_json(run, finished=True)
+        self._write_json(run, finished=True, stop_reason=stop_reason)
         self._log(lambda writer: _log_end(writer, run))
         final = f"test_{run.task.target_metric}"
         _echo(
@@ -292,11 +298,12 @@ class Metrics(Plugin):
         """Seconds spent in all epochs of the run so far, across resumes."""
         return sum(epoch["seconds"] for epoch in self.history)
 
-    def _write_json(self, run: RunContext, finished: bool) -> None:
+    def _write_json(self, run: RunContext, finished: bool, stop_reason: str | None = None) -> None:
         last = self.history[-1] if self.history else {}
         summary = {
             "recipe": run.recipe.name,
             "finished": finished,
+            "stop_reason": stop_reason,
             "final_test_accuracy": last.get("test_accuracy") if finished else None,
             "final_test": (
                 {k: v for k, v in last.items() if k.startswith("test_")} if finished else None

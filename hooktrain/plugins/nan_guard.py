@@ -39,7 +39,7 @@ class NanGuard(Plugin):
 
     @hookimpl(tryfirst=True)
     def hooktrain_gradient_transform(self, build: BuildContext) -> GradientTransform:
-        return _flag_nonfinite
+        return GradientTransform.stateless(self.name, _flag_nonfinite)
 
     @hookimpl(tryfirst=True)
     def hooktrain_step_end(

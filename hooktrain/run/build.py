@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pluggy
 import torch
 from torch import nn
@@ -14,9 +15,13 @@ from torch import nn
 from hooktrain.config import registry
 from hooktrain.config.recipe import Recipe
 from hooktrain.core.context import BuildContext
-from hooktrain.core.plugin import Plugin, contributions, sole_contribution
+from hooktrain.core.evaluate import flip_views
+from hooktrain.core.optim import Optimizer, recipe_optimizer
+from hooktrain.core.pieces import EvalViews, GradientTransform
+from hooktrain.core.plugin import Plugin, chained, contributions, sole_contribution
 from hooktrain.core.step import StepPieces, constant_schedule
 from hooktrain.core.task import Task
+from hooktrain.core.transforms import Chain, lr_scale_member, weight_decay_member
 from hooktrain.data.device import DeviceData, Splits
 from hooktrain.data.in_memory import DatasetSplits
 from hooktrain.data.loader import LoaderData
@@ -124,14 +129,57 @@ def recipe_model(recipe: Recipe, facts: dict[str, Any]) -> nn.Module:
 
 
 def build_models(
-    recipe: Recipe, facts: dict[str, Any], device: torch.device
+    recipe: Recipe, facts: dict[str, Any], device: torch.device, manager: pluggy.PluginManager
 ) -> tuple[nn.Module, nn.Module]:
-    """The model in train mode, initialised from the recipe's seed, and a copy in eval mode."""
+    """The model in train mode, initialised from the recipe's seed and passed through the
+    plugins' ``hooktrain_model``, and a copy in eval mode."""
     torch.manual_seed(recipe.seed)
-    model = recipe_model(recipe, facts)
+    model = plugin_model(recipe, recipe_model(recipe, facts), manager)
     memory_format = torch.channels_last if channels_last(recipe, device) else None
     model = model.to(device, memory_format=memory_format).train()
     return model, copy.deepcopy(model).eval()
+
+
+def plugin_model(recipe: Recipe, model: nn.Module, manager: pluggy.PluginManager) -> nn.Module:
+    """``model`` after every plugin's ``hooktrain_model``."""
+    changed = chained(manager, "hooktrain_model", "model", model, recipe=recipe)
+    if not isinstance(changed, nn.Module):
+        raise HooktrainError(
+            f"A plugin's hooktrain_model returned a {type(changed).__name__}, not a "
+            "torch.nn.Module; return the module to train, or None to keep the model."
+        )
+    return changed
+
+
+def initial_params(
+    manager: pluggy.PluginManager, build: BuildContext, model: nn.Module, data: DeviceData
+) -> None:
+    """Load into ``model`` what the plugins' ``hooktrain_initial_params`` answer, in turn."""
+    for impl in reversed(manager.hook.hooktrain_initial_params.get_hookimpls()):
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        buffers = {name: b.detach() for name, b in model.named_buffers()}
+        arguments = {"build": build, "params": params, "buffers": buffers, "data": data}
+        answer = impl.function(*(arguments[arg] for arg in impl.argnames))
+        for name, value in (answer or {}).items():
+            current = params.get(name, buffers.get(name))
+            if (
+                current is None
+                or not isinstance(value, torch.Tensor)
+                or (value.shape != current.shape or value.dtype != current.dtype)
+            ):
+                raise HooktrainError(
+                    f"The plugin {impl.plugin_name!r} gave the initial value of {name!r} as "
+                    f"{_described(value)}, but the model's {name!r} is "
+                    f"{_described(current)}; give a tensor of the same name, shape and dtype."
+                )
+            with torch.no_grad():
+                current.copy_(value)
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return "missing" if value is None else f"a {type(value).__name__}"
 
 
 def load_plugin_states(plugins: Sequence[Plugin], payload: dict[str, Any]) -> None:
@@ -139,25 +187,94 @@ def load_plugin_states(plugins: Sequence[Plugin], payload: dict[str, Any]) -> No
         plugin.load_state_dict(payload["plugins"].get(plugin.name, {}))
 
 
+def build_context(
+    recipe: Recipe,
+    model: nn.Module,
+    steps_per_epoch: int,
+    task: Task,
+    facts: dict[str, Any],
+    manager: pluggy.PluginManager,
+) -> BuildContext:
+    """What build hooks see: the model's shapes, the claimed parameter groups and optimizer."""
+    build = BuildContext(
+        recipe,
+        {name: p.shape for name, p in model.named_parameters()},
+        steps_per_epoch,
+        recipe_optimizer(recipe),
+        task,
+        facts,
+    )
+    build = attrs.evolve(
+        build, groups=sole_contribution(manager, "hooktrain_param_groups", build=build)
+    )
+    optimizer = sole_contribution(manager, "hooktrain_optimizer", build=build)
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise HooktrainError(
+            f"A plugin's hooktrain_optimizer returned a {type(optimizer).__name__}; return a "
+            "hooktrain.core.optim.Optimizer (a name, init and update)."
+        )
+    return attrs.evolve(build, optimizer=optimizer or build.optimizer)
+
+
+def compose_chain(manager: pluggy.PluginManager, build: BuildContext) -> Chain:
+    """The gradient chain: the plugins' members in call order, weight decay and parameter
+    groups where their hooks put them, the optimizer between."""
+    members = [
+        member for _, member in contributions(manager, "hooktrain_gradient_transform", build=build)
+    ]
+    for member in members:
+        if not isinstance(member, GradientTransform):
+            raise HooktrainError(
+                f"A plugin's hooktrain_gradient_transform returned a {type(member).__name__}; "
+                "return a hooktrain.GradientTransform (GradientTransform.stateless(name, "
+                "function) for one without state)."
+            )
+    decay = sole_contribution(manager, "hooktrain_weight_decay", build=build)
+    before = [m for m in members if not m.after_optimizer]
+    after = [m for m in members if m.after_optimizer]
+    if build.groups is not None:
+        after.insert(0, lr_scale_member(build.groups, build.param_names))
+    if decay is not None:
+        decay_member = weight_decay_member(decay, build.param_names)
+        if decay.decoupled:
+            after.insert(0, decay_member)
+        else:
+            before.append(decay_member)
+    return Chain.of([*before, *after], build.optimizer)
+
+
+def eval_views(manager: pluggy.PluginManager, build: BuildContext) -> EvalViews | None:
+    """The plugins' evaluation views, or the recipe's flip; both is refused."""
+    views = sole_contribution(manager, "hooktrain_eval_views", build=build)
+    if views is not None and build.recipe.tta_flip:
+        raise HooktrainError(
+            "tta_flip is on and a plugin also gives the evaluation views; set tta_flip=false "
+            "(the plugin's views decide what is evaluated)."
+        )
+    return flip_views if build.recipe.tta_flip else views
+
+
 def compose_pieces(
     manager: pluggy.PluginManager,
     build: BuildContext,
     model: nn.Module,
     autocast_dtype: torch.dtype | None,
-    task: Task,
 ) -> StepPieces:
     """The step's pieces: what the plugins contribute, defaults for what none does."""
-    transforms = contributions(manager, "hooktrain_gradient_transform", build=build)
     replicas = sole_contribution(manager, "hooktrain_replicas", build=build)
     return StepPieces(
         model=replicas.train_model(model) if replicas else model,
-        optimizer=build.optimizer,
+        chain=compose_chain(manager, build),
         param_names=build.param_names,
         schedule=sole_contribution(manager, "hooktrain_lr_schedule", build=build)
         or constant_schedule(build.recipe.max_lr),
-        transforms=[transform for _, transform in transforms],
-        decay=sole_contribution(manager, "hooktrain_weight_decay", build=build),
-        loss=sole_contribution(manager, "hooktrain_loss", build=build) or task.loss,
+        loss=sole_contribution(manager, "hooktrain_loss", build=build) or build.task.loss,
         autocast_dtype=autocast_dtype,
         replicas=replicas,
+        batch_transforms=[
+            t for _, t in contributions(manager, "hooktrain_batch_transform", build=build)
+        ],
+        gradient_wrappers=[
+            w for _, w in contributions(manager, "hooktrain_wrap_gradients", build=build)
+        ],
     )

@@ -18,11 +18,16 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from hooktrain.config.recipe import Recipe
-from hooktrain.core.optim import recipe_optimizer
-from hooktrain.core.plugin import Plugin
+from hooktrain.core.plugin import Plugin, make_plugin_manager
 from hooktrain.core.state import TrainState
 from hooktrain.errors import HooktrainError
-from hooktrain.run.build import recipe_model
+from hooktrain.run.build import (
+    build_context,
+    build_task,
+    compose_chain,
+    plugin_model,
+    recipe_model,
+)
 
 
 def _is_count(value: Any) -> bool:
@@ -45,16 +50,16 @@ def _tensors_problem(what: str, saved: Any, expected: dict[str, torch.Tensor]) -
     return None
 
 
-def _optimizer_problem(saved: Any, expected: Any) -> str | None:
+def _structure_problem(what: str, saved: Any, expected: Any) -> str | None:
     saved_leaves, saved_spec = tree_flatten(saved)
     expected_leaves, expected_spec = tree_flatten(expected)
     if saved_spec != expected_spec:
-        return "its optimizer state does not have this recipe's optimizer's structure"
+        return f"its {what} does not have this recipe's structure"
     for value, template in zip(saved_leaves, expected_leaves, strict=True):
         if isinstance(template, torch.Tensor) and not (
             _dense(value) and value.shape == template.shape and value.dtype == template.dtype
         ):
-            return "its optimizer state holds a tensor of the wrong shape or type"
+            return f"its {what} holds a tensor of the wrong shape or type"
     return None
 
 
@@ -94,7 +99,11 @@ def state_problem(
     return (
         _tensors_problem("parameters", saved.get("params"), expected.params)
         or _tensors_problem("buffers", saved.get("buffers"), expected.buffers)
-        or _optimizer_problem(saved.get("opt_state"), expected.opt_state)
+        or _structure_problem("optimizer state", saved.get("opt_state"), expected.opt_state)
+        or _structure_problem(
+            "gradient transforms' state", saved.get("transforms"), expected.transforms
+        )
+        or _structure_problem("step key", saved.get("key"), expected.key)
         or _rng_problem(saved.get("rng"))
     )
 
@@ -138,13 +147,16 @@ def plugin_states_problem(saved: Any, plugins: Sequence[Plugin]) -> str | None:
     return None
 
 
-def expected_state(recipe: Recipe, facts: dict[str, Any]) -> TrainState:
+def expected_state(recipe: Recipe, facts: dict[str, Any], steps_per_epoch: int) -> TrainState:
     """A fresh state of a run of ``recipe`` on the meta device: its shapes and types, no data.
 
-    ``facts`` are what the run told the model factory (config.json keeps them)."""
+    ``facts`` are what the run told the model factory (config.json keeps them); the plugins
+    give the model and the gradient chain as they did for the run."""
+    manager = make_plugin_manager([copy.deepcopy(p) for p in recipe.plugins])
     with torch.device("meta"):
-        model = recipe_model(recipe, facts)
-    return TrainState.create(model, recipe_optimizer(recipe), recipe.seed)
+        model = plugin_model(recipe, recipe_model(recipe, facts), manager)
+        build = build_context(recipe, model, steps_per_epoch, build_task(recipe), facts, manager)
+        return TrainState.create(model, compose_chain(manager, build), recipe.seed)
 
 
 def checkpoint_problem(
@@ -156,7 +168,9 @@ def checkpoint_problem(
     if not isinstance(facts, dict) or not isinstance(facts.get("input_shape"), list):
         return "its run was written by an older hooktrain, which did not record the model's facts"
     try:
-        expected = expected_state(recipe, facts)
+        expected = expected_state(
+            recipe, facts, steps_per_epoch if isinstance(steps_per_epoch, int) else 1
+        )
     except (HooktrainError, TypeError, ValueError, RuntimeError) as error:
         return f"its run's recorded model facts do not build this recipe's model ({error})"
     problem = state_problem(

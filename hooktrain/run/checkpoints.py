@@ -24,11 +24,11 @@ from hooktrain.errors import HooktrainError
 from hooktrain.run.files import atomic_write, fsync_folder
 
 FORMAT = "hooktrain-checkpoint"
-VERSION = 2
+VERSION = 3
 # Version 1 files (no checksum) are still read: runs started before checksums can resume.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (3,)
 PAYLOAD_KEYS = ("recipe", "config", "state", "plugins")
-STATE_KEYS = ("step", "epoch", "params", "buffers", "opt_state", "rng")
+STATE_KEYS = ("step", "epoch", "params", "buffers", "opt_state", "rng", "transforms", "key")
 CHECKSUM_PREFIX = b"hooktrain-sha256:"
 _COMMENT_LENGTH = len(CHECKSUM_PREFIX) + 64
 _CHUNK = 1 << 20
@@ -190,7 +190,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"to {VERSION}",
             "use the hooktrain release that wrote it",
         )
-    if version >= 2 and stored is None:
+    if stored is None:
         raise CheckpointUnusable(
             path, f"it has lost the checksum every version {version} checkpoint carries"
         )

@@ -12,9 +12,11 @@ from hooktrain.core.plugin import make_plugin_manager
 from hooktrain.core.state import TrainState
 from hooktrain.run.build import (
     autocast_dtype_of,
+    build_context,
     build_models,
     build_task,
     device_data,
+    eval_views,
     load_plugin_states,
     load_splits,
     model_facts,
@@ -41,15 +43,15 @@ def evaluate_checkpoint(
     task = build_task(recipe)
     data = device_data(recipe, load_splits(recipe, data_dir, print), torch_device)
     facts = model_facts(data, task)
-    _, eval_model = build_models(recipe, facts, torch_device)
+    manager = make_plugin_manager(recipe.plugins)
+    model, eval_model = build_models(recipe, facts, torch_device, manager)
     check_usable(payload, recipe, {"model_facts": facts})
     state = TrainState.from_dict(payload["state"], torch_device)
     load_plugin_states(recipe.plugins, payload)
-    hook = make_plugin_manager(recipe.plugins).hook
-    chosen = hook.hooktrain_eval_params(run=None, state=state)
-    if chosen is not None:
-        state = state.replace(params={name: t.to(torch_device) for name, t in chosen.items()})
+    chosen = manager.hook.hooktrain_eval_params(run=None, state=state) or {}
+    state = state.with_tensors({name: t.to(torch_device) for name, t in chosen.items()})
+    build = build_context(recipe, model, data.steps_per_epoch, task, facts, manager)
     evaluate = build_evaluate(
-        eval_model, task, autocast_dtype_of(recipe, torch_device), tta_flip=recipe.tta_flip
+        eval_model, task, autocast_dtype_of(recipe, torch_device), views=eval_views(manager, build)
     )
     return evaluate(state, data.eval_batches("test"))

@@ -362,7 +362,9 @@ def write_config(out_dir: Path, config: dict[str, Any]) -> None:
         ) from error
 
 
-def mark_finished(out_dir: Path, config: dict[str, Any]) -> None:
+def mark_finished(out_dir: Path, config: dict[str, Any], stop_reason: str | None = None) -> None:
     """Record in config.json that the run is complete, so resume never trains it again
-    (whatever plugins it has: a recipe without checkpoint or metrics leaves nothing else)."""
-    write_config(out_dir, {**config, "run": {**config["run"], "finished": True}})
+    (whatever plugins it has: a recipe without checkpoint or metrics leaves nothing else);
+    ``stop_reason`` is why a plugin ended it before its last epoch."""
+    finished = {"finished": True, **({"stop_reason": stop_reason} if stop_reason else {})}
+    write_config(out_dir, {**config, "run": {**config["run"], **finished}})

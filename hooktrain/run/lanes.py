@@ -16,18 +16,18 @@ import torch
 
 from hooktrain.config.recipe import Recipe
 from hooktrain.config.stored import recipe_to_config
-from hooktrain.core.context import RunContext
+from hooktrain.core.context import BuildContext, RunContext
 from hooktrain.core.evaluate import EvaluateFn, LaneEvaluateFn
-from hooktrain.core.optim import Optimizer
 from hooktrain.core.plugin import make_plugin_manager
 from hooktrain.core.state import TrainState
 from hooktrain.core.step import Batch, LaneStepFn, StepFn
 from hooktrain.core.task import Task
+from hooktrain.core.transforms import Chain
 from hooktrain.data.device import DeviceData
 from hooktrain.errors import TrainingStopped
 from hooktrain.models import shard_randomness
 from hooktrain.run import checkpoints, distributed
-from hooktrain.run.build import build_models, load_plugin_states
+from hooktrain.run.build import build_models, initial_params, load_plugin_states
 from hooktrain.run.checks import check_usable
 from hooktrain.run.distributed import Topology
 from hooktrain.run.folder import write_config
@@ -73,14 +73,16 @@ class Lane:
 
 @attrs.frozen
 class LaneBuild:
-    """What every lane of a run shares: the recipe, data, task, the model's facts, the
-    optimizer, config.json's run section and this process's place among processes."""
+    """What every lane of a run shares: the recipe, data, task, the model's facts, what build
+    hooks saw, the gradient chain, config.json's run section and this process's place among
+    processes."""
 
     recipe: Recipe
     data: DeviceData
     task: Task
     facts: dict[str, Any]
-    optimizer: Optimizer
+    context: BuildContext
+    chain: Chain
     run_info: dict[str, Any]
     topology: Topology
     echo: Callable[[str], None]
@@ -98,9 +100,12 @@ def make_lane(
     recipe = attrs.evolve(
         built.recipe, seed=seed, plugins=tuple(copy.deepcopy(p) for p in built.recipe.plugins)
     )
-    model, _ = build_models(recipe, built.facts, device)
+    # Build hooks run in every process; events that write, in the main one only.
+    model, _ = build_models(recipe, built.facts, device, make_plugin_manager(recipe.plugins))
     shard_randomness(model, topology.rank, topology.world_size)
-    state = TrainState.create(model, built.optimizer, seed)
+    if resume is None:
+        initial_params(make_plugin_manager(recipe.plugins), built.context, model, built.data)
+    state = TrainState.create(model, built.chain, seed)
     progress = EpochProgress(torch.zeros((), device=device))
     if resume is not None:
         check_usable(resume, recipe, built.run_info)
@@ -113,6 +118,13 @@ def make_lane(
         checkpoints.remove_stale_temp_files(out_dir)
         write_config(out_dir, config)
     together = built.lanes > 1
+    manager = make_plugin_manager(
+        [p for p in recipe.plugins if topology.is_main or not p.main_process_only]
+    )
+
+    def log(scalars: dict[str, float], step: int) -> None:
+        manager.hook.hooktrain_log_scalars(run=run, scalars=scalars, step=step)
+
     run = RunContext(
         recipe=recipe,
         out_dir=out_dir,
@@ -128,10 +140,8 @@ def make_lane(
         lanes=built.lanes,
         rank=topology.rank,
         world_size=topology.world_size,
-    )
-    # Every process runs the same events; only the main one runs those that write files.
-    manager = make_plugin_manager(
-        [p for p in recipe.plugins if topology.is_main or not p.main_process_only]
+        log=log,
+        model=model,
     )
     return Lane(recipe, manager, run, state, progress)
 
@@ -170,7 +180,7 @@ def as_lane_step(step: StepFn) -> LaneStepFn:
 
 
 def as_lane_evaluate(evaluate: EvaluateFn) -> LaneEvaluateFn:
-    return lambda states, batches: [evaluate(states[0], batches)]
+    return lambda states, batches, observe=None: [evaluate(states[0], batches, observe)]
 
 
 def stop_lanes(lanes: list[Lane], reason: str) -> None:

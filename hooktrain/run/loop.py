@@ -22,27 +22,31 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from hooktrain.config.recipe import Recipe
-from hooktrain.core.context import BuildContext, EpochReport, Trained
+from hooktrain.core.context import EpochReport, Trained
 from hooktrain.core.evaluate import LaneEvaluateFn, build_evaluate, build_lane_evaluate
-from hooktrain.core.optim import recipe_optimizer
+from hooktrain.core.pieces import EvalViews
 from hooktrain.core.plugin import call_order, make_plugin_manager
-from hooktrain.core.state import TrainState, capture_global_rng
-from hooktrain.core.step import LaneStepFn, build_lane_step, build_step
+from hooktrain.core.state import TrainState
+from hooktrain.core.step import LaneStepFn, StepPieces, build_lane_step, build_step
+from hooktrain.core.transforms import Chain
 from hooktrain.data.device import DeviceData
 from hooktrain.errors import HooktrainError
 from hooktrain.models import shard_randomness
 from hooktrain.run import distributed
 from hooktrain.run.build import (
     autocast_dtype_of,
+    build_context,
     build_models,
     build_task,
     compose_pieces,
     device_data,
+    eval_views,
     load_splits,
     model_facts,
     resolve_device,
@@ -56,7 +60,8 @@ from hooktrain.run.checks import (
 )
 from hooktrain.run.distributed import Topology
 from hooktrain.run.environment import environment_info
-from hooktrain.run.folder import hold_run_folders, mark_finished
+from hooktrain.run.epochs import end_epoch, finish, stop_reason
+from hooktrain.run.folder import hold_run_folders
 from hooktrain.run.lanes import (
     Lane,
     LaneBuild,
@@ -66,7 +71,7 @@ from hooktrain.run.lanes import (
     make_lane,
     stop_lanes,
 )
-from hooktrain.run.signals import stop_on_signals
+from hooktrain.run.signals import StopRequest, stop_on_signals
 
 
 def train(
@@ -179,7 +184,6 @@ def _train_lanes(
             "never be evaluated; add test examples."
         )
     facts = model_facts(data, task)
-    optimizer = recipe_optimizer(recipe)
     run_info = {
         "data_dir": str(data_dir.resolve()) if data_dir else None,
         "device": device,
@@ -190,26 +194,34 @@ def _train_lanes(
         "steps_per_epoch": data.steps_per_epoch,
         "environment": environment_info(torch_device),
     }
+    # Build hooks run once, on plugins of the first seed's: their pieces serve every seed.
+    first = attrs.evolve(
+        recipe, seed=seeds[0], plugins=tuple(copy.deepcopy(p) for p in recipe.plugins)
+    )
+    manager = make_plugin_manager(first.plugins)
+    # The first seed's modules serve as shapes for all: the states hold the numbers.
+    model, eval_model = build_models(first, facts, torch_device, manager)
+    shard_randomness(model, topology.rank, topology.world_size)
+    context = build_context(recipe, model, data.steps_per_epoch, task, facts, manager)
+    pieces = compose_pieces(manager, context, model, autocast_dtype_of(recipe, torch_device))
     built = LaneBuild(
-        recipe, data, task, facts, optimizer, run_info, topology, echo, tags, len(seeds)
+        recipe, data, task, facts, context, pieces.chain, run_info, topology, echo, tags, len(seeds)
     )
     lanes = [
         make_lane(built, index, seed, out_dir, None if resume is None else resume[index])
         for index, (seed, out_dir) in enumerate(zip(seeds, out_dirs, strict=True))
     ]
-    # The first seed's modules serve as shapes for all: the states hold the numbers.
-    model, eval_model = build_models(lanes[0].recipe, facts, torch_device)
-    shard_randomness(model, topology.rank, topology.world_size)
-    step_all, evaluate_all = _step_and_evaluate(built, lanes, model, eval_model)
-    first = lanes[0].state
-    torch.set_rng_state(first.rng["torch"])
-    if "cuda" in first.rng and torch_device.type == "cuda":
-        torch.cuda.set_rng_state(first.rng["cuda"], torch_device)
-    _announce(recipe, data, topology, lanes, out_dirs, echo)
+    views = eval_views(manager, context)
+    step_all, evaluate_all = _step_and_evaluate(built, lanes, pieces, eval_model, views)
+    start = lanes[0].state
+    torch.set_rng_state(start.rng["torch"])
+    if "cuda" in start.rng and torch_device.type == "cuda":
+        torch.cuda.set_rng_state(start.rng["cuda"], torch_device)
+    _announce(recipe, data, topology, lanes, out_dirs, pieces.chain, echo)
     reports = _fit(lanes, step_all, evaluate_all, data, recipe.epochs, stop_after_epoch)
     return [
         Trained(report, lane.state, _with_weights(eval_model, lane.state))
-        for lane, report in zip(lanes, reports or [None] * len(lanes), strict=True)
+        for lane, report in zip(lanes, reports, strict=True)
     ]
 
 
@@ -221,33 +233,30 @@ def _with_weights(eval_model: nn.Module, state: TrainState) -> nn.Module:
 
 
 def _step_and_evaluate(
-    built: LaneBuild, lanes: list[Lane], model: nn.Module, eval_model: nn.Module
+    built: LaneBuild,
+    lanes: list[Lane],
+    pieces: StepPieces,
+    eval_model: nn.Module,
+    views: EvalViews | None,
 ) -> tuple[LaneStepFn, LaneEvaluateFn]:
-    """The lanes' step and evaluation, composed from the first lane's plugins' pieces.
-
-    Build hooks contribute pure pieces that do not depend on the seed, so they serve all lanes.
-    """
+    """The lanes' step and evaluation, from the pieces the first lane's plugins contributed."""
     recipe, topology, device = built.recipe, built.topology, built.data.device
     autocast_dtype = autocast_dtype_of(recipe, device)
-    context = BuildContext(
-        recipe,
-        {name: p.shape for name, p in model.named_parameters()},
-        built.data.steps_per_epoch,
-        built.optimizer,
-    )
-    manager = make_plugin_manager(lanes[0].recipe.plugins)
-    pieces = compose_pieces(manager, context, model, autocast_dtype, built.task)
     first = lanes[0].state
     if topology.distributed:
-        optimizer_tensors = [t for t in tree_leaves(first.opt_state) if isinstance(t, torch.Tensor)]
+        chain_tensors = [
+            t
+            for t in tree_leaves([first.opt_state, first.transforms])
+            if isinstance(t, torch.Tensor)
+        ]
         distributed.agree_on_start(
-            first.step, [*first.params.values(), *first.buffers.values(), *optimizer_tensors]
+            first.step, [*first.params.values(), *first.buffers.values(), *chain_tensors]
         )
     compiled = (recipe.compile, recipe.compile_mode)
     if len(lanes) > 1:
-        check_vmappable(model)
+        check_vmappable(pieces.model)
         evaluate = build_lane_evaluate(
-            eval_model, built.task, autocast_dtype, recipe.compile, recipe.tta_flip
+            eval_model, built.task, autocast_dtype, recipe.compile, views
         )
         return build_lane_step(pieces, *compiled), evaluate
     single = build_evaluate(
@@ -255,7 +264,7 @@ def _step_and_evaluate(
         built.task,
         autocast_dtype,
         recipe.compile,
-        recipe.tta_flip,
+        views,
         distributed.sum_over_processes if topology.distributed else None,
     )
     return as_lane_step(build_step(pieces, *compiled)), as_lane_evaluate(single)
@@ -267,9 +276,10 @@ def _announce(
     topology: Topology,
     lanes: list[Lane],
     out_dirs: Sequence[Path],
+    chain: Chain,
     echo: Callable[[str], None],
 ) -> None:
-    """Say what will train where, and the order plugins run in."""
+    """Say what will train where, the order plugins run in and the gradient chain."""
     together = len(lanes) > 1
     seeds_text = f" x {len(lanes)} seeds together" if together else ""
     if topology.distributed:
@@ -285,6 +295,7 @@ def _announce(
     echo("plugins: " + (" -> ".join(p.name for p in recipe.plugins) or "none"))
     epoch_end_order = call_order(lanes[0].manager, "hooktrain_epoch_end")
     echo("at epoch end: " + (" -> ".join(epoch_end_order) or "none"))
+    echo("chain: " + chain.describe())
 
 
 def _fit(
@@ -294,99 +305,69 @@ def _fit(
     data: DeviceData,
     epochs: int,
     stop_after_epoch: int | None,
-) -> list[EpochReport]:
-    """The loop over epochs and steps, emitting every event once per lane."""
+) -> list[EpochReport | None]:
+    """The loop over epochs and steps, emitting every event once per lane; a lane whose
+    plugins ask to stop finishes at that epoch's end and leaves the group."""
+    reports: list[EpochReport | None] = [None] * len(lanes)
     with stop_on_signals() as stop:
         for lane in lanes:
             lane.manager.hook.hooktrain_fit_start(run=lane.run, state=lane.state)
-        reports: list[EpochReport] = []
+        active = list(range(len(lanes)))
         for epoch in range(lanes[0].state.epoch, epochs):
-            # A run resumed from a checkpoint taken inside an epoch continues where it was.
-            first_batch = _batches_done(lanes[0].state, data.steps_per_epoch)
-            for lane in lanes:
-                lane.progress.started = time.perf_counter()
-                lane.manager.hook.hooktrain_epoch_start(run=lane.run, state=lane.state)
-            generators = [torch.Generator() for _ in lanes]
-            for generator, lane in zip(generators, lanes, strict=True):
-                generator.set_state(lane.state.rng["data"])
-            plans = [data.epoch_plan(generator) for generator in generators]
-            states = [lane.state for lane in lanes]
-            for index in range(first_batch, data.steps_per_epoch):
-                states, metrics = step_all(states, [data.train_batch(p, index) for p in plans])
-                for lane, state, lane_metrics in zip(lanes, states, metrics, strict=True):
-                    lane.state = state
-                    lane.progress.loss_sum += lane_metrics["loss"]
-                    lane.manager.hook.hooktrain_step_end(
-                        run=lane.run, state=state, metrics=lane_metrics
-                    )
-                # After an epoch's last step, the stop waits for the epoch's end.
-                if index + 1 < data.steps_per_epoch:
-                    honour_stop(lanes, stop, data.device, at_boundary=False)
-            reports = _end_epoch(lanes, generators, evaluate_all, data, epoch)
+            group = [lanes[i] for i in active]
+            generators = _train_epoch(group, step_all, data, stop)
+            epoch_reports = end_epoch(group, generators, evaluate_all, data, epoch)
+            for index, report in zip(active, epoch_reports, strict=True):
+                reports[index] = report
+            stopping = {i: stop_reason(lanes[i], reports[i]) for i in active}
+            for index, reason in stopping.items():
+                if reason is not None:
+                    finish(lanes[index], reports[index], reason)
+            active = [i for i in active if stopping[i] is None]
+            if not active:
+                return reports
+            group = [lanes[i] for i in active]
             if epoch + 1 < epochs:
-                honour_stop(lanes, stop, data.device, at_boundary=True)
+                honour_stop(group, stop, data.device, at_boundary=True)
             stop_here = stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
             if stop_here and epoch + 1 < epochs:
-                stop_lanes(lanes, "stop_after_epoch")
-                for lane in lanes:
+                stop_lanes(group, "stop_after_epoch")
+                for lane in group:
                     lane.run.echo(
                         f"stopped after epoch {epoch + 1}; continue with: {lane.run.resume_command}"
                     )
                 return reports
-        for lane, report in zip(lanes, reports, strict=True):
-            lane.manager.hook.hooktrain_fit_end(run=lane.run, state=lane.state, report=report)
-            if lane.run.is_main:
-                mark_finished(lane.run.out_dir, lane.run.config)
+        for index in active:
+            finish(lanes[index], reports[index], None)
         return reports
+
+
+def _train_epoch(
+    lanes: list[Lane], step_all: LaneStepFn, data: DeviceData, stop: StopRequest
+) -> list[torch.Generator]:
+    """One epoch's steps (those left of it, for a run resumed inside it) for every lane; the
+    lanes' data generators, which have drawn the epoch's plan."""
+    # A run resumed from a checkpoint taken inside an epoch continues where it was.
+    first_batch = _batches_done(lanes[0].state, data.steps_per_epoch)
+    generators = [torch.Generator() for _ in lanes]
+    for lane, generator in zip(lanes, generators, strict=True):
+        lane.progress.started = time.perf_counter()
+        lane.manager.hook.hooktrain_epoch_start(run=lane.run, state=lane.state)
+        generator.set_state(lane.state.rng["data"])
+    plans = [data.epoch_plan(generator) for generator in generators]
+    states = [lane.state for lane in lanes]
+    for index in range(first_batch, data.steps_per_epoch):
+        states, metrics = step_all(states, [data.train_batch(p, index) for p in plans])
+        for lane, state, lane_metrics in zip(lanes, states, metrics, strict=True):
+            lane.state = state
+            lane.progress.loss_sum += lane_metrics["loss"]
+            lane.manager.hook.hooktrain_step_end(run=lane.run, state=state, metrics=lane_metrics)
+        # After an epoch's last step, the stop waits for the epoch's end.
+        if index + 1 < data.steps_per_epoch:
+            honour_stop(lanes, stop, data.device, at_boundary=False)
+    return generators
 
 
 def _batches_done(state: TrainState, steps_per_epoch: int) -> int:
     """How many of the current epoch's batches ``state`` has trained on (checked on resume)."""
     return state.step - state.epoch * steps_per_epoch
-
-
-def _end_epoch(
-    lanes: list[Lane],
-    generators: list[torch.Generator],
-    evaluate_all: LaneEvaluateFn,
-    data: DeviceData,
-    epoch: int,
-) -> list[EpochReport]:
-    """Evaluate each lane, emit epoch_end and return the reports; the state counts the epoch.
-
-    Validation (with a ``val_split``) comes before test: the report names every metric by its
-    split (``val_accuracy``, ``test_accuracy``, ``test_loss``).
-    """
-    global_rng = capture_global_rng(data.device)
-    for lane, generator in zip(lanes, generators, strict=True):
-        # The data generator has drawn this epoch's plan: its state now starts the next one.
-        lane.state = lane.state.replace(
-            epoch=epoch + 1, rng={"data": generator.get_state(), **global_rng}
-        )
-    evaluated = [
-        lane.state.replace(
-            params=lane.manager.hook.hooktrain_eval_params(run=lane.run, state=lane.state)
-            or lane.state.params
-        )
-        for lane in lanes
-    ]
-    metrics: list[dict[str, float]] = [{} for _ in lanes]
-    for split in ("val", "test") if data.n_val else ("test",):
-        for lane_metrics, figures in zip(
-            metrics, evaluate_all(evaluated, data.eval_batches(split)), strict=True
-        ):
-            lane_metrics.update({f"{split}_{name}": value for name, value in figures.items()})
-    reports = []
-    for lane, lane_metrics in zip(lanes, metrics, strict=True):
-        report = EpochReport(
-            epoch=epoch + 1,
-            step=lane.state.step,
-            train_loss=float(lane.progress.loss_sum) / data.steps_per_epoch,
-            metrics=lane_metrics,
-            seconds=lane.progress.seconds(),
-        )
-        # Checkpoints taken from here on are at an epoch boundary: nothing of an epoch is due.
-        lane.progress.restart()
-        lane.manager.hook.hooktrain_epoch_end(run=lane.run, state=lane.state, report=report)
-        reports.append(report)
-    return reports

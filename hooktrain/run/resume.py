@@ -77,9 +77,11 @@ def continue_run(
     config = read_run_config(run_dir / CONFIG_FILE)
     if config["run"].get("finished") is True:
         epochs = config["recipe"].get("epochs")
+        reason = config["run"].get("stop_reason")
+        how = f"a plugin stopped it: {reason}" if reason else f"epoch {epochs} of {epochs}"
         raise HooktrainError(
-            f"The run in {run_dir} has finished (epoch {epochs} of {epochs}); there is nothing "
-            "to resume: start a new one with `hooktrain run`."
+            f"The run in {run_dir} has finished ({how}); there is nothing to resume: start a "
+            "new one with `hooktrain run`."
         )
 
     from hooktrain.config.stored import recipe_from_config
