@@ -106,15 +106,18 @@ def plain_arm(model: nn.Module, batches: Batches) -> Callable[[], torch.Tensor]:
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_setup_arguments(parser: argparse.ArgumentParser, steps: int, repeats: int) -> None:
+    """The options every step benchmark shares: device, model width, batch, steps, repeats."""
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-compile", action="store_true", help="skip arm (c)")
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--repeats", type=int, default=repeats)
+
+
+def model_and_batches(args: argparse.Namespace) -> tuple[nn.Module, Batches, torch.device]:
+    """The ResNet-9 and the random batches the options ask for, on their device; the setup
+    printed in one line."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = resnet9(10, width=args.width).to(device).train()
@@ -126,18 +129,27 @@ def main() -> None:
         )
         for _ in range(args.steps)
     ]
-    arms = {
-        "a hooktrain": hooktrain_arm(model, batches, compile=False),
-        "b plain": plain_arm(model, batches),
-    }
-    if not args.no_compile:
-        arms["c compiled"] = hooktrain_arm(model, batches, compile=True)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"ResNet-9 width {args.width}, batch {args.batch}, {args.steps} steps a run, "
         f"{args.repeats} repeats, on {hardware} (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads)"
     )
+    return model, batches, device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_setup_arguments(parser, steps=40, repeats=7)
+    parser.add_argument("--no-compile", action="store_true", help="skip arm (c)")
+    args = parser.parse_args()
+    model, batches, device = model_and_batches(args)
+    arms = {
+        "a hooktrain": hooktrain_arm(model, batches, compile=False),
+        "b plain": plain_arm(model, batches),
+    }
+    if not args.no_compile:
+        arms["c compiled"] = hooktrain_arm(model, batches, compile=True)
     for name, arm in arms.items():  # warm-up: allocator, kernels, and compilation for (c)
         started = time.perf_counter()
         arm()

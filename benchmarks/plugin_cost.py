@@ -21,35 +21,19 @@ import argparse
 import statistics
 import time
 
-import torch
-from engine_overhead import hooktrain_arm, synchronize
+from engine_overhead import add_setup_arguments, hooktrain_arm, model_and_batches, synchronize
 
 from hooktrain.core.plugin import make_plugin
-from hooktrain.models import resnet9
 
 STEP_PLUGINS = ("mixup", "cutmix", "lion", "lookahead", "sam", "grad_accumulation")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--width", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    add_setup_arguments(parser, steps=20, repeats=5)
     parser.add_argument("--compile", action="store_true", help="also time the compiled step")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = resnet9(10, width=args.width).to(device).train()
-    generator = torch.Generator().manual_seed(1)
-    batches = [
-        (
-            torch.randn(args.batch, 3, 32, 32, generator=generator).to(device),
-            torch.randint(0, 10, (args.batch,), generator=generator).to(device),
-        )
-        for _ in range(args.steps)
-    ]
+    model, batches, device = model_and_batches(args)
     modes = (False, True) if args.compile else (False,)
     arms = {
         (name, compiled): hooktrain_arm(
@@ -58,12 +42,6 @@ def main() -> None:
         for compiled in modes
         for name in ("none", *STEP_PLUGINS)
     }
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(
-        f"ResNet-9 width {args.width}, batch {args.batch}, {args.steps} steps a run, "
-        f"{args.repeats} repeats, on {hardware} (torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads)"
-    )
     for arm in arms.values():  # warm-up: allocator, kernels, compilation
         arm()
     rates: dict[tuple[str, bool], list[float]] = {key: [] for key in arms}

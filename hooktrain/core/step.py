@@ -195,22 +195,34 @@ def build_step(pieces: StepPieces, compile: bool = False, compile_mode: str = "d
         params, buffers, opt_state, transforms, key, metrics = core(
             state.params, state.buffers, state.opt_state, state.transforms, state.key, x, y
         )
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            buffers=buffers,
-            opt_state=as_created(opt_state),
-            transforms=as_created(transforms),
-            key=key,
-        )
-        return new_state, metrics
+        return _stepped(state, params, buffers, opt_state, transforms, key), metrics
 
     return step
 
 
+def _stepped(
+    state: TrainState,
+    params: NamedTensors,
+    buffers: NamedTensors,
+    opt_state: OptState,
+    transforms: dict[str, Any],
+    key: torch.Tensor,
+) -> TrainState:
+    """``state`` one step on, holding what the step computed."""
+    return state.replace(
+        step=state.step + 1,
+        params=params,
+        buffers=buffers,
+        opt_state=as_created(opt_state),
+        transforms=as_created(transforms),
+        key=key,
+    )
+
+
 def _tick(key: torch.Tensor) -> torch.Tensor:
-    """The key after one more step: the same seed, the step count one higher."""
-    return key + torch.tensor([0, 1], dtype=key.dtype, device=key.device)
+    """The key after one more step: the same seed, the step count one higher (built on the
+    device: a tensor made from Python numbers would be a host-to-device copy every step)."""
+    return torch.cat([key[:1], key[1:] + 1])
 
 
 def _average_replicas(
@@ -287,17 +299,8 @@ def build_lane_step(
             [y for _, y in batches],
         )
         new_states = [
-            state.replace(
-                step=state.step + 1,
-                params=lane_params,
-                buffers=lane_buffers,
-                opt_state=as_created(opt_state),
-                transforms=as_created(lane_transforms),
-                key=key,
-            )
-            for state, lane_params, lane_buffers, opt_state, lane_transforms, key in zip(
-                states, params, buffers, opt_states, transforms, keys, strict=True
-            )
+            _stepped(*lane)
+            for lane in zip(states, params, buffers, opt_states, transforms, keys, strict=True)
         ]
         return new_states, metrics
 

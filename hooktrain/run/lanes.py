@@ -101,10 +101,11 @@ def make_lane(
         built.recipe, seed=seed, plugins=tuple(copy.deepcopy(p) for p in built.recipe.plugins)
     )
     # Build hooks run in every process; events that write, in the main one only.
-    model, _ = build_models(recipe, built.facts, device, make_plugin_manager(recipe.plugins))
+    builders = make_plugin_manager(recipe.plugins)
+    model, _ = build_models(recipe, built.facts, device, builders)
     shard_randomness(model, topology.rank, topology.world_size)
     if resume is None:
-        initial_params(make_plugin_manager(recipe.plugins), built.context, model, built.data)
+        initial_params(builders, built.context, model, built.data)
     state = TrainState.create(model, built.chain, seed)
     progress = EpochProgress(torch.zeros((), device=device))
     if resume is not None:
