@@ -451,6 +451,7 @@ def test_list_shows_recipes_and_plugins() -> None:
     plugins = {line.split()[0]: line.split(None, 1)[1] for line in lines[split + 1 :]}
     assert recipes[FLAGSHIP].startswith("The seed's run: ResNet-9 on CIFAR-10")
     assert recipes["resnet9_fast"].startswith("ResNet-9 with the known speed ideas")
+    assert recipes["airbench94"].startswith("airbench94 (Keller Jordan's CIFAR-10 speedrun")
     assert set(BUILTIN_PLUGINS) == {
         "onecycle",
         "weight_decay",
@@ -469,6 +470,11 @@ def test_list_shows_recipes_and_plugins() -> None:
         "grad_accumulation",
         "early_stopping",
         "swa",
+        "whitening",
+        "freeze",
+        "bias_lr",
+        "triangle",
+        "multi_crop",
     }
     for name, path in BUILTIN_PLUGINS.items():
         doc = import_object(path).__doc__.strip().splitlines()[0]

@@ -298,6 +298,30 @@ def test_a_stopped_run_ends_finished_through_the_command_line(
     assert_user_error(CliRunner().invoke(main, ["resume", str(out)]), "has finished")
 
 
+def test_eval_every_evaluates_every_nth_epoch_and_the_last_and_stopping_counts_only_those(
+    real_images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    sets = [*TINY, "epochs=5", "eval_every=2", "early_stopping.patience=1", *NEVER_IMPROVES]
+    result = CliRunner().invoke(
+        main,
+        ["run", FLAGSHIP, "--with", "early_stopping", "--without", "onecycle", "--device", "cpu"]
+        + ["--data-dir", str(real_images), "--out", str(out)]
+        + [arg for s in sets for arg in ("--set", s)],
+    )
+    assert result.exit_code == 0, result.output
+    _, metrics = run_files(out)
+    evaluated = [epoch["epoch"] for epoch in metrics["epochs"] if "test_accuracy" in epoch]
+    # Epochs 2 and 4 are evaluated; 4 does not improve on 2, so the run stops after it.
+    assert [epoch["epoch"] for epoch in metrics["epochs"]] == [1, 2, 3, 4]
+    assert evaluated == [2, 4]
+    first = metrics["epochs"][1]["test_accuracy"]
+    assert f"stopped after epoch 4: test_accuracy did not improve on {first:.4f}" in result.output
+    assert "final epoch not evaluated" not in result.output
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert best["state"]["epoch"] == 2
+
+
 def test_a_resumed_run_counts_on_from_its_checkpoint(real_images: Path, tmp_path: Path) -> None:
     """Patience 2 stops after epoch 3. Stopped after epoch 2 and resumed, the run must stop
     there too: a count of epochs without improvement that started over would train all 4."""

@@ -108,6 +108,9 @@ class Recipe:
     """The fraction of the training images held out for validation (the same images whatever
     the seed); with it, choices made during the run (``best.pt``) use validation, not test."""
     eval_batch_size: int = attrs.field(default=1000, validator=_positive)
+    eval_every: int = attrs.field(default=1, validator=_positive)
+    """Evaluate after every ``eval_every``-th epoch and after the last (airbench94 evaluates once,
+    at the end); the other epochs' reports carry no metrics."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     compile: bool = False

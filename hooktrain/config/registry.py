@@ -29,6 +29,7 @@ RECIPE_GROUP = "hooktrain.recipes"
 BUILTIN_RECIPES = {
     "resnet9_cifar10": "hooktrain.recipes.resnet9_cifar10:recipe",
     "resnet9_fast": "hooktrain.recipes.resnet9_fast:recipe",
+    "airbench94": "hooktrain.recipes.airbench94:recipe",
     "resnet18_cifar10": "hooktrain.recipes.resnet18_cifar10:recipe",
     "resnet9_image_folder": "hooktrain.recipes.resnet9_image_folder:recipe",
     "mlp_tabular": "hooktrain.recipes.mlp_tabular:recipe",
@@ -39,6 +40,7 @@ Kind = Literal["model", "data", "augment", "task"]
 BUILTINS: dict[str, dict[str, str]] = {
     "model": {
         "resnet9": "hooktrain.models.resnet9:resnet9",
+        "airbench_net": "hooktrain.models.airbench:airbench_net",
         "resnet18": "hooktrain.models.resnet18:resnet18",
         "mlp": "hooktrain.models.mlp:mlp",
     },
@@ -50,6 +52,7 @@ BUILTINS: dict[str, dict[str, str]] = {
     "augment": {
         "crop": "hooktrain.data.augment:RandomCrop",
         "flip": "hooktrain.data.augment:RandomFlip",
+        "altflip": "hooktrain.data.epochwise:AlternatingFlip",
         "cutout": "hooktrain.data.augment:Cutout",
         "resize": "hooktrain.data.augment:Resize",
         "normalize": "hooktrain.data.augment:Normalize",

@@ -58,8 +58,9 @@ class EpochReport:
 
     ``epoch`` counts finished epochs (1 after the first); ``metrics`` are the task's metrics of
     each evaluated split, named ``SPLIT_METRIC`` (``test_accuracy``, ``test_loss``, and
-    ``val_accuracy`` with a validation split); ``seconds`` is this epoch's wall time, training
-    and evaluation together.
+    ``val_accuracy`` with a validation split), empty for an epoch the recipe's ``eval_every``
+    leaves unevaluated; ``seconds`` is this epoch's wall time, training and evaluation
+    together.
     """
 
     epoch: int

@@ -155,8 +155,8 @@ def hooktrain_param_groups(build: BuildContext) -> ParamGroups | None:
 
     The engine adds a ``param_groups`` member to the chain right after the optimizer (and
     decoupled weight decay) that multiplies each group's updates by its ``lr_scale`` (airbench
-    trains BatchNorm biases 64 times faster); the optimizer and later build hooks see the
-    groups as ``build.groups``.
+    trains BatchNorm biases 64 times faster) and multiplies weight decay rates by the groups'
+    ``decay_scale``; the optimizer and later build hooks see the groups as ``build.groups``.
     """
 
 
@@ -339,7 +339,8 @@ def hooktrain_epoch_end(run: RunContext, state: TrainState, report: EpochReport)
     """Called after each epoch's training and evaluation.
 
     ``state.epoch`` already counts the finished epoch; ``report`` has the epoch's mean training
-    loss, the test loss and accuracy, and the epoch's wall time.
+    loss, the test loss and accuracy (none on an epoch the recipe's ``eval_every`` skips), and
+    the epoch's wall time.
     """
 
 

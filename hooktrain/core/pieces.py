@@ -91,12 +91,26 @@ class ParamGroups:
 
     ``label_of(name)`` names a parameter's group; ``lr_scale`` multiplies the learning rate of
     a group's parameters (groups it leaves out keep 1), decoupled weight decay included, as a
-    param group's own ``lr`` does in torch.optim. Optimizers see the labels in
-    ``build.groups`` and may treat groups differently.
+    param group's own ``lr`` does in torch.optim; ``decay_scale`` multiplies a group's weight
+    decay rate, as a param group's own ``weight_decay`` does (airbench gives BatchNorm biases
+    64 times the learning rate and 1/64 of the coupled decay rate, so their decay step stays
+    that of the other parameters). Optimizers see the labels in ``build.groups`` and may treat
+    groups differently.
     """
 
     label_of: Callable[[str], str]
     lr_scale: Mapping[str, float] = attrs.field(factory=dict)
+    decay_scale: Mapping[str, float] = attrs.field(factory=dict)
+
+    def decay_rule(self, rule: DecayRule) -> DecayRule:
+        """``rule`` with each parameter's rate times its group's ``decay_scale``."""
+        if not self.decay_scale:
+            return rule
+
+        def rate_of(name: str) -> float:
+            return rule.rate_of(name) * float(self.decay_scale.get(self.label_of(name), 1.0))
+
+        return attrs.evolve(rule, rate_of=rate_of)
 
 
 @attrs.frozen

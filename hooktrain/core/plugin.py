@@ -33,6 +33,11 @@ BUILTIN_PLUGINS = {
     "grad_accumulation": "hooktrain.plugins.grad_accumulation:GradAccumulation",
     "early_stopping": "hooktrain.plugins.early_stopping:EarlyStopping",
     "swa": "hooktrain.plugins.swa:SWA",
+    "whitening": "hooktrain.plugins.whitening:Whitening",
+    "freeze": "hooktrain.plugins.freeze:Freeze",
+    "bias_lr": "hooktrain.plugins.bias_lr:BiasLR",
+    "triangle": "hooktrain.plugins.triangle:Triangle",
+    "multi_crop": "hooktrain.plugins.multi_crop:MultiCrop",
 }
 
 

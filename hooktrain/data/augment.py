@@ -37,7 +37,9 @@ __all__ = [
     "RandomFlip",
     "Resize",
     "Shape",
+    "flip_map",
     "remap",
+    "shape_of",
 ]
 
 Shape = tuple[int, int, int]
@@ -139,7 +141,7 @@ def remap(images: Tensor, index: Tensor | None, maps: IndexMap) -> Tensor:
     return out if inside is None else torch.where(inside[..., None], out, 0)
 
 
-def _shape_of(images: Tensor) -> Shape:
+def shape_of(images: Tensor) -> Shape:
     height, width, channels = images.shape[1:]
     return height, width, channels
 
@@ -230,7 +232,14 @@ class RandomCrop:
         return IndexMap(rows, cols, rows_inside, cols_inside)
 
     def apply(self, images: Tensor, draws: Draws) -> Tensor:
-        return remap(images, None, self.index_map(draws, _shape_of(images)))
+        return remap(images, None, self.index_map(draws, shape_of(images)))
+
+
+def flip_map(draws: Draws, shape: Shape) -> IndexMap:
+    """The columns mirrored in the rows whose ``draws["flip"]`` is 1."""
+    flip = draws["flip"].bool()[:, None]
+    cols = torch.arange(shape[1], device=flip.device)
+    return IndexMap(None, torch.where(flip, cols.flip(0), cols))
 
 
 @attrs.frozen
@@ -246,12 +255,10 @@ class RandomFlip:
         return {"flip": torch.randint(0, 2, (n,), generator=generator)}
 
     def index_map(self, draws: Draws, shape: Shape) -> IndexMap:
-        flip = draws["flip"].bool()[:, None]
-        cols = torch.arange(shape[1], device=flip.device)
-        return IndexMap(None, torch.where(flip, cols.flip(0), cols))
+        return flip_map(draws, shape)
 
     def apply(self, images: Tensor, draws: Draws) -> Tensor:
-        return remap(images, None, self.index_map(draws, _shape_of(images)))
+        return remap(images, None, flip_map(draws, shape_of(images)))
 
 
 @attrs.frozen

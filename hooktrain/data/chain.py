@@ -13,7 +13,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from hooktrain.data.augment import Augmentation, Draws, Geometric, IndexMap, Normalize, remap
+from hooktrain.data.augment import (
+    Augmentation,
+    Draws,
+    IndexMap,
+    Normalize,
+    remap,
+)
+from hooktrain.data.epochwise import Epoch, EpochAware
 from hooktrain.errors import HooktrainError
 
 __all__ = ["Chain"]
@@ -37,7 +44,7 @@ class Chain:
         self._stages: list[list[int]] = []
         self._maps: dict[int, Callable[[Draws, tuple[int, ...]], IndexMap]] = {}
         for position, piece in enumerate(self.pieces):
-            geometric = isinstance(piece, Geometric)
+            geometric = callable(getattr(piece, "index_map", None))
             if geometric and self._stages and self._stages[-1][0] in self._maps:
                 self._stages[-1].append(position)
             else:
@@ -60,11 +67,18 @@ class Chain:
             )
         return chain
 
-    def draw(self, generator: torch.Generator, n: int) -> tuple[Draws, ...]:
-        """Every piece's draws for `n` samples, in chain order, on the CPU `generator`."""
+    def draw(
+        self, generator: torch.Generator, n: int, epoch: Epoch | None = None
+    ) -> tuple[Draws, ...]:
+        """Every piece's draws for `n` samples, in chain order, on the CPU `generator`;
+        epoch-aware pieces also see `epoch` (by default the first epoch of seed 0, in order)."""
+        epoch = epoch or Epoch(0, 0, torch.arange(n))
         draws = []
         for piece, shape in zip(self.pieces, self.shapes, strict=False):
-            drawn = piece.draw(generator, n, shape)  # type: ignore[arg-type]
+            if isinstance(piece, EpochAware):
+                drawn = piece.draw_epoch(generator, n, shape, epoch)  # type: ignore[arg-type]
+            else:
+                drawn = piece.draw(generator, n, shape)  # type: ignore[arg-type]
             _check_draws(piece, drawn, n)
             draws.append(drawn)
         return tuple(draws)
@@ -86,10 +100,10 @@ class Chain:
 
 def _check_piece(pieces: tuple[Augmentation, ...], position: int) -> None:
     piece = pieces[position]
-    if not isinstance(piece, Augmentation) or isinstance(piece, type):
+    if not isinstance(piece, Augmentation | EpochAware) or isinstance(piece, type):
         raise HooktrainError(
             f"Augmentation piece {position + 1}, {piece!r}, is not an augmentation: it needs "
-            "draw, apply and output_shape methods and a train_only flag."
+            "draw (or draw_epoch), apply and output_shape methods and a train_only flag."
         )
     if isinstance(piece, Normalize) and position < len(pieces) - 1:
         raise HooktrainError(

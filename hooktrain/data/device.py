@@ -14,6 +14,7 @@ from torch import Tensor
 
 from hooktrain.data.augment import Augmentation, Draws, Normalize
 from hooktrain.data.chain import Chain
+from hooktrain.data.epochwise import Epoch
 from hooktrain.errors import HooktrainError
 
 __all__ = [
@@ -323,12 +324,13 @@ class DeviceData:
         shape = self._chain.output_shape
         return (shape[2], shape[0], shape[1]) if self.train.is_image else shape
 
-    def epoch_plan(self, generator: torch.Generator) -> EpochPlan:
-        """Draw one epoch's order, then each piece's draws, from a CPU `generator`; ship them
-        to the device in one copy."""
+    def epoch_plan(self, generator: torch.Generator, epoch: int = 0, seed: int = 0) -> EpochPlan:
+        """Draw one epoch's order, then each piece's draws, from a CPU `generator` (pieces
+        that alternate over epochs also see the `epoch` and the run's `seed`); ship them to the
+        device in one copy."""
         n = self.n_train
         order = torch.randperm(n, generator=generator)
-        draws = self._chain.draw(generator, n)
+        draws = self._chain.draw(generator, n, Epoch(epoch, seed, order))
         shipped = iter(_ship([order, *(t for d in draws for t in d.values())], self.device))
         order = next(shipped)
         return EpochPlan(order, tuple({name: next(shipped) for name in d} for d in draws))

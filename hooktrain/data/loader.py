@@ -197,9 +197,9 @@ class LoaderData(DeviceData):
         self._group: tuple[EpochPlan, ...] = ()  # the plans whose batches are read in turn
         self._group_batches: list[Tensor] = []
 
-    def epoch_plan(self, generator: torch.Generator) -> EpochPlan:
+    def epoch_plan(self, generator: torch.Generator, epoch: int = 0, seed: int = 0) -> EpochPlan:
         """DeviceData's plan: the same draws from `generator`, shipped to the device."""
-        plan = super().epoch_plan(generator)
+        plan = super().epoch_plan(generator, epoch, seed)
         self._drawn.append(plan)
         return plan
 

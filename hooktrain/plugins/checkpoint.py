@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ class Checkpoint(Plugin):
 
     def _improved(self, run: RunContext, report: EpochReport) -> bool:
         name = self._metric(run)
-        score = report.metrics[name]
+        score = report.metrics.get(name, math.nan)  # missing on an epoch not evaluated
         if score != score:  # NaN is never the best
             return False
         higher = run.higher_is_better(name)

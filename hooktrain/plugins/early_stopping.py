@@ -65,6 +65,8 @@ class EarlyStopping(Plugin):
     @hookimpl
     def hooktrain_epoch_end(self, run: RunContext, report: EpochReport) -> None:
         name = run.chosen_metric(self.name, "metric", self.metric)
+        if name not in report.metrics:  # an epoch the recipe's eval_every leaves unevaluated
+            return
         score = report.metrics[name]
         if self._improves(score, run.higher_is_better(name)):
             self.best, self.epochs_without_improvement = score, 0

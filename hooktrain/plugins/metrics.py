@@ -277,11 +277,12 @@ class Metrics(Plugin):
         self._write_json(run, finished=True, stop_reason=stop_reason)
         self._log(lambda writer: _log_end(writer, run))
         final = f"test_{run.task.target_metric}"
-        _echo(
-            run,
-            f"final {metric_text(final, report.metrics[final])} "
-            f"({self.wall_seconds():.1f} s of training and evaluation)",
+        figure = (
+            metric_text(final, report.metrics[final])
+            if final in report.metrics
+            else "epoch not evaluated (eval_every)"
         )
+        _echo(run, f"final {figure} ({self.wall_seconds():.1f} s of training and evaluation)")
 
     @hookimpl
     def hooktrain_fit_stop(self, state: TrainState) -> None:

@@ -235,6 +235,8 @@ def compose_chain(manager: pluggy.PluginManager, build: BuildContext) -> Chain:
     if build.groups is not None:
         after.insert(0, lr_scale_member(build.groups, build.param_names))
     if decay is not None:
+        if build.groups is not None:
+            decay = build.groups.decay_rule(decay)
         decay_member = weight_decay_member(decay, build.param_names)
         if decay.decoupled:
             after.insert(0, decay_member)

@@ -22,7 +22,8 @@ def end_epoch(
     data: DeviceData,
     epoch: int,
 ) -> list[EpochReport]:
-    """Evaluate each lane, emit epoch_end and return the reports; the state counts the epoch.
+    """Evaluate each lane (on the epochs the recipe's ``eval_every`` asks for), emit epoch_end
+    and return the reports; the state counts the epoch.
 
     Validation (with a ``val_split``) comes before test: the report names every metric by its
     split (``val_accuracy``, ``test_accuracy``, ``test_loss``), the plugins' own included.
@@ -40,7 +41,9 @@ def end_epoch(
         for lane in lanes
     ]
     metrics: list[dict[str, float]] = [{} for _ in lanes]
-    for split in ("val", "test") if data.n_val else ("test",):
+    recipe = lanes[0].run.recipe
+    due = (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == recipe.epochs
+    for split in (("val", "test") if data.n_val else ("test",)) if due else ():
         figures = evaluate_all(evaluated, data.eval_batches(split), _observer(lanes, split))
         for lane, lane_metrics, lane_figures in zip(lanes, metrics, figures, strict=True):
             lane_figures = {**lane_figures, **_plugin_metrics(lane, split, lane_figures)}

@@ -354,7 +354,10 @@ def _train_epoch(
         lane.progress.started = time.perf_counter()
         lane.manager.hook.hooktrain_epoch_start(run=lane.run, state=lane.state)
         generator.set_state(lane.state.rng["data"])
-    plans = [data.epoch_plan(generator) for generator in generators]
+    plans = [
+        data.epoch_plan(generator, lane.state.epoch, lane.run.recipe.seed)
+        for lane, generator in zip(lanes, generators, strict=True)
+    ]
     states = [lane.state for lane in lanes]
     for index in range(first_batch, data.steps_per_epoch):
         states, metrics = step_all(states, [data.train_batch(p, index) for p in plans])

@@ -1,0 +1,61 @@
+"""Stop training chosen parameters after some epochs (airbench's ``whiten_bias_epochs``)."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Any
+
+import attrs
+import torch
+
+from hooktrain.core.context import BuildContext
+from hooktrain.core.hookspecs import hookimpl
+from hooktrain.core.pieces import GradientTransform, Tensors
+from hooktrain.core.plugin import Plugin, setting
+from hooktrain.errors import HooktrainError
+
+
+def freeze_after(name: str, frozen: list[int], after_steps: int) -> GradientTransform:
+    """A chain member after the optimizer that zeroes the updates of the parameters at the
+    indices ``frozen`` from step ``after_steps + 1`` on; its state counts the steps."""
+
+    def init(params: Tensors) -> dict[str, Any]:
+        return {"count": torch.zeros((), dtype=torch.int64, device=params[0].device)}
+
+    def update(
+        updates: Tensors, state: dict[str, Any], params: Tensors, lr: torch.Tensor
+    ) -> tuple[Tensors, dict[str, Any], dict[str, torch.Tensor]]:
+        count = state["count"] + 1
+        training = count <= after_steps
+        new_updates = list(updates)
+        for index in frozen:
+            new_updates[index] = torch.where(training, updates[index], 0.0)
+        return new_updates, {"count": count}, {}
+
+    return GradientTransform(name, init, update, after_optimizer=True)
+
+
+@attrs.define
+class Freeze(Plugin):
+    """Train the parameters matching ``include`` for the first ``epochs`` epochs only.
+
+    airbench94 trains the whitening layer's bias for 3 epochs, then freezes it. The frozen
+    parameters stop moving from the optimizer; members after this one in the chain (lookahead)
+    still move them, as airbench's Lookahead moves its frozen bias. Patterns are shell-style
+    over parameter names.
+    """
+
+    default_name = "freeze"
+    include: tuple[str, ...] = ("whiten.bias",)
+    epochs: int = setting(3, lambda v: isinstance(v, int) and v >= 0, "a whole number, 0 or more")
+
+    @hookimpl
+    def hooktrain_gradient_transform(self, build: BuildContext) -> GradientTransform:
+        names = build.param_names
+        frozen = [i for i, n in enumerate(names) if any(fnmatchcase(n, p) for p in self.include)]
+        if not frozen:
+            raise HooktrainError(
+                f"{self.name}.include {list(self.include)} matches no parameter of the model "
+                f"(its names start {', '.join(names[:3])}); fix the patterns or drop the plugin."
+            )
+        return freeze_after(self.name, frozen, self.epochs * build.steps_per_epoch)
