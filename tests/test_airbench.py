@@ -22,86 +22,49 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from airbench.lib_airbench94 import Conv, ConvGroup, Flatten, Mul, hyp
+from airbench.lib_airbench94 import hyp
 from airbench.utils import LookaheadState, get_patches, get_whitening_parameters, infer
+from airbench_reference import (
+    BATCH,
+    STEPS_PER_EPOCH,
+    TOTAL_STEPS,
+    WHITEN_BIAS_EPOCHS,
+    airbench_network,
+    batches_of,
+    load_normalized_images,
+    ours_from,
+    recipe_step,
+)
 from click.testing import CliRunner
 from torch import Tensor, nn
-from torchvision.io import decode_jpeg, read_file
 
 from hooktrain.cli import main
-from hooktrain.config.overrides import apply_overrides
-from hooktrain.config.registry import load_recipe
 from hooktrain.core.evaluate import build_evaluate
-from hooktrain.core.plugin import make_plugin_manager
 from hooktrain.core.state import TrainState
-from hooktrain.core.step import build_step
+from hooktrain.core.step import StepFn
 from hooktrain.core.task import Classification
 from hooktrain.data.chain import Chain
 from hooktrain.data.epochwise import AlternatingFlip, Epoch
-from hooktrain.models.airbench import airbench_net
 from hooktrain.plugins.multi_crop import multi_crop_views
 from hooktrain.plugins.triangle import triangle_schedule
 from hooktrain.plugins.whitening import whitening_filters
-from hooktrain.recipes.airbench94 import AIRBENCH_MEAN, AIRBENCH_STD, TRICKS
-from hooktrain.run.build import build_context, compose_pieces
+from hooktrain.recipes.airbench94 import TRICKS
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
-
-WIDTH = 4  # groups of 4, 16 and 16 channels
-BATCH, STEPS_PER_EPOCH, EPOCHS = 32, 3, 4
-TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS  # Lookahead pulls at steps 5 and 10, ends on 12
-WHITEN_BIAS_EPOCHS = 1  # the whitening bias trains for 3 steps, then freezes
-SEQUENTIAL_NAMES = {"0": "whiten", "2": "block1", "3": "block2", "4": "block3", "7": "head"}
 
 
 @pytest.fixture(scope="module")
 def normalized_images(cifar_dir: Path) -> tuple[Tensor, Tensor]:
-    """The first 40 training images of each class, normalised as airbench does, with labels."""
-    classes = sorted(folder.name for folder in (cifar_dir / "train").iterdir())
-    pixels, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((cifar_dir / "train" / name).iterdir())[:40]:
-            pixels.append(decode_jpeg(read_file(str(path))))
-            labels.append(label)
-    images = torch.stack(pixels).float() / 255
-    mean, std = torch.tensor(AIRBENCH_MEAN), torch.tensor(AIRBENCH_STD)
-    return (images - mean[:, None, None]) / std[:, None, None], torch.tensor(labels)
+    return load_normalized_images(cifar_dir)
 
 
-def airbench_network(dtype: torch.dtype) -> nn.Sequential:
-    """``make_net94``'s layers, airbench's own classes, on the CPU in ``dtype``."""
-    momentum = hyp["net"]["batchnorm_momentum"]
-    widths = (WIDTH, 4 * WIDTH, 4 * WIDTH)
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        Conv(3, 24, 2, padding=0, bias=True),
-        nn.GELU(),
-        ConvGroup(24, widths[0], momentum),
-        ConvGroup(widths[0], widths[1], momentum),
-        ConvGroup(widths[1], widths[2], momentum),
-        nn.MaxPool2d(3),
-        Flatten(),
-        nn.Linear(widths[2], 10, bias=False),
-        Mul(hyp["net"]["scaling_factor"]),
-    )
-    net[0].weight.requires_grad = False
-    return net.to(dtype)
-
-
-def ours_from(reference: nn.Sequential) -> nn.Module:
-    """hooktrain's ``airbench_net`` holding the reference's weights and statistics."""
-    model = airbench_net(width=WIDTH).to(next(reference.parameters()).dtype)
-    loaded = {}
-    for key, value in reference.state_dict().items():
-        index, _, rest = key.partition(".")
-        if key.endswith("num_batches_tracked"):
-            continue
-        if "norm" in rest and rest.endswith("weight"):
-            assert bool((value == 1).all()), "airbench's BatchNorm scales are frozen at 1"
-            continue
-        loaded[f"{SEQUENTIAL_NAMES[index]}.{rest}"] = value
-    model.load_state_dict(loaded)  # strict: every tensor of ours comes from airbench's
-    return model
+def hooktrain_step(model: nn.Module) -> tuple[TrainState, StepFn]:
+    """The airbench94 recipe's step, built from its plugins as a run builds it."""
+    # airbench's learning rate is per 1,024 examples of a summed loss: it scales with the
+    # batch, where the recipe's max_lr (of the mean loss) is for batches of 1,024.
+    state, step, chain = recipe_step("airbench94", model, f"max_lr={1.5 * BATCH / 1024}")
+    assert chain == "weight_decay -> sgd -> param_groups -> freeze -> lookahead"
+    return state, step
 
 
 def airbench_triangle(steps: int, start: float, end: float, peak: float) -> Tensor:
@@ -169,35 +132,6 @@ def airbench_steps(
         if steps == len(batches):
             lookahead.update(net, decay=1.0)
         yield loss.item(), net
-
-
-def hooktrain_step(model: nn.Module):
-    """The airbench94 recipe's step, built from its plugins as a run builds it."""
-    recipe = apply_overrides(
-        load_recipe("airbench94"),
-        [
-            f"batch_size={BATCH}",
-            # airbench's learning rate is per 1,024 examples of a summed loss: it scales with
-            # the batch, where the recipe's max_lr (of the mean loss) is for batches of 1,024.
-            f"max_lr={1.5 * BATCH / 1024}",
-            f"epochs={EPOCHS}",
-            f"freeze.epochs={WHITEN_BIAS_EPOCHS}",
-        ],
-    )
-    manager = make_plugin_manager(recipe.plugins)
-    build = build_context(recipe, model, STEPS_PER_EPOCH, Classification(), {}, manager)
-    pieces = compose_pieces(manager, build, model, None)
-    assert pieces.chain.describe() == "weight_decay -> sgd -> param_groups -> freeze -> lookahead"
-    return TrainState.create(model, pieces.chain, seed=0), build_step(pieces)
-
-
-def batches_of(images: tuple[Tensor, Tensor], dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
-    x, y = images
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[order].to(dtype), y[order]
-    return [
-        (x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH]) for i in range(TOTAL_STEPS)
-    ]
 
 
 def test_the_recipe_trains_as_airbench_trains_in_float64(

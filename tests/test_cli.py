@@ -475,6 +475,7 @@ def test_list_shows_recipes_and_plugins() -> None:
         "bias_lr",
         "triangle",
         "multi_crop",
+        "muon",
     }
     for name, path in BUILTIN_PLUGINS.items():
         doc = import_object(path).__doc__.strip().splitlines()[0]

@@ -252,6 +252,7 @@ VALID_RECIPE: dict[str, Valid] = {
     "train_limit": st.one_of(st.just(("none", None)), COUNT),
     "val_split": real(0, 1),
     "eval_batch_size": COUNT,
+    "eval_every": COUNT,
     "precision": choice("auto", "fp32", "bf16"),
     "memory_format": choice("auto", "contiguous", "channels_last"),
     "compile": BOOLEAN,
@@ -307,10 +308,32 @@ VALID_PLUGIN: dict[str, Valid] = {
     "early_stopping.patience": COUNT,
     "early_stopping.min_delta": real(0, 1e9),
     "swa.start": real(0, 1),
+    "lookahead.ramp_power": st.one_of(st.just(("none", None)), POSITIVE),
+    "lookahead.end_on_slow": BOOLEAN,
+    "whitening.layer": choice("whiten", "0.0"),
+    "whitening.images": COUNT,
+    "whitening.eps": POSITIVE,
+    "freeze.include": several(choice("whiten.bias", "*.bias"), 1),
+    "freeze.epochs": whole(0, 10**9),
+    "freeze.ramp": BOOLEAN,
+    "bias_lr.scale": POSITIVE,
+    "bias_lr.include": several(choice("*norm*.bias", "head.weight"), 2),
+    "bias_lr.keep_decay": BOOLEAN,
+    "triangle.start": real(0, 1e9),
+    "triangle.peak_at": real(0, 1),
+    "triangle.end": real(0, 1e9),
+    "multi_crop.level": whole(0, 2),
+    "multi_crop.shift": COUNT,
+    "muon.momentum": real(0, 1),
+    "muon.nesterov": BOOLEAN,
+    "muon.steps": COUNT,
+    "muon.lr_scale": POSITIVE,
+    "muon.include": several(choice("*.weight", "*conv*"), 1),
 }
 # Plugins the flagship lacks: the library-level tests add them with --with.
 EXTRA_PLUGINS = ["label_smoothing", "ema", "mixup", "cutmix", "lion", "lookahead", "sam"]
-EXTRA_PLUGINS += ["grad_accumulation", "early_stopping", "swa"]
+EXTRA_PLUGINS += ["grad_accumulation", "early_stopping", "swa", "whitening", "freeze", "bias_lr"]
+EXTRA_PLUGINS += ["triangle", "multi_crop", "muon"]
 
 
 def assignment_of(table: dict[str, Valid]) -> st.SearchStrategy[tuple[str, str, Any]]:
@@ -345,14 +368,17 @@ INVALID_KEYS = {
     "onecycle.pct": "onecycle.pct_start",
 }
 KIND_OF = {
-    "count": ["epochs", "batch_size", "eval_batch_size", "checkpoint.every",
+    "count": ["epochs", "batch_size", "eval_batch_size", "eval_every", "checkpoint.every",
               "nan_guard.check_every", "metrics.log_every", "ema.every", "lookahead.k",
-              "grad_accumulation.micro_batches", "early_stopping.patience"],
-    "unit": ["val_split", "momentum", "label_smoothing.smoothing", "ema.decay", "swa.start"],
+              "grad_accumulation.micro_batches", "early_stopping.patience", "whitening.images",
+              "muon.steps", "multi_crop.shift"],
+    "unit": ["val_split", "momentum", "label_smoothing.smoothing", "ema.decay", "swa.start",
+             "muon.momentum", "triangle.peak_at"],
     "positive": ["max_lr", "eps", "grad_clip.max", "onecycle.div_factor", "mixup.alpha",
-                 "cutmix.alpha", "sam.rho"],
+                 "cutmix.alpha", "sam.rho", "bias_lr.scale", "whitening.eps", "muon.lr_scale"],
     "boolean": ["model.conv_bias", "tta_flip", "nesterov", "compile",
-                "metrics.progress", "onecycle.three_phase"],
+                "metrics.progress", "onecycle.three_phase", "freeze.ramp",
+                "lookahead.end_on_slow", "bias_lr.keep_decay", "muon.nesterov"],
     "choice": ["optimizer", "augment.crop.mode", "precision", "memory_format", "grad_clip.mode"],
     "argument": ["model.width", "model.dropout", "model.logit_scale", "augment.crop.pad"],
 }  # fmt: skip

@@ -30,6 +30,7 @@ BUILTIN_RECIPES = {
     "resnet9_cifar10": "hooktrain.recipes.resnet9_cifar10:recipe",
     "resnet9_fast": "hooktrain.recipes.resnet9_fast:recipe",
     "airbench94": "hooktrain.recipes.airbench94:recipe",
+    "airbench94_muon": "hooktrain.recipes.airbench94_muon:recipe",
     "resnet18_cifar10": "hooktrain.recipes.resnet18_cifar10:recipe",
     "resnet9_image_folder": "hooktrain.recipes.resnet9_image_folder:recipe",
     "mlp_tabular": "hooktrain.recipes.mlp_tabular:recipe",

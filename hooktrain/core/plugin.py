@@ -38,6 +38,7 @@ BUILTIN_PLUGINS = {
     "bias_lr": "hooktrain.plugins.bias_lr:BiasLR",
     "triangle": "hooktrain.plugins.triangle:Triangle",
     "multi_crop": "hooktrain.plugins.multi_crop:MultiCrop",
+    "muon": "hooktrain.plugins.muon:Muon",
 }
 
 

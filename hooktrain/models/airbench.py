@@ -36,14 +36,20 @@ class Whitening(nn.Module):
     of the training patches' covariance, scaled to unit variance, and their negatives.
     """
 
-    def __init__(self, in_channels: int, kernel: int = WHITEN_KERNEL) -> None:
+    def __init__(
+        self, in_channels: int, kernel: int = WHITEN_KERNEL, random_bias: bool = False
+    ) -> None:
         super().__init__()
         out_channels = 2 * in_channels * kernel**2
         weight = torch.empty(out_channels, in_channels, kernel, kernel)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default
         _identity_start(weight)
         self.register_buffer("weight", weight)
-        self.bias = nn.Parameter(torch.zeros(out_channels))
+        bias = torch.zeros(out_channels)
+        if random_bias:  # nn.Conv2d's default: uniform within 1 / sqrt(fan_in)
+            bound = 1 / math.sqrt(in_channels * kernel**2)
+            nn.init.uniform_(bias, -bound, bound)
+        self.bias = nn.Parameter(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias)
@@ -98,10 +104,15 @@ def airbench_net(
     width: int = 64,
     bn_momentum: float = 0.4,
     logit_scale: float = 1 / 9,
+    head_std: float | None = None,
+    random_whiten_bias: bool = False,
 ) -> nn.Sequential:
     """airbench94's network; the groups are ``width``, ``4 * width`` and ``4 * width`` wide
     (64, 256, 256 as airbench). ``bn_momentum`` is torch's: the weight of the batch in the
-    running statistics (airbench's 0.6 is the weight of the old ones)."""
+    running statistics (airbench's 0.6 is the weight of the old ones). ``head_std`` rescales
+    the linear layer's initial weights to that standard deviation (airbench94_muon: 1, with
+    ``logit_scale`` 1/256), None keeps nn.Linear's; ``random_whiten_bias`` starts the whitening
+    bias as nn.Conv2d does instead of at zero (airbench94_muon)."""
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise HooktrainError(f"model.width must be a whole number of 1 or more, not {width!r}.")
     if not 0 < bn_momentum <= 1:
@@ -110,8 +121,14 @@ def airbench_net(
         )
     if not (math.isfinite(logit_scale) and logit_scale > 0):
         raise HooktrainError(f"model.logit_scale must be above 0 and finite, not {logit_scale!r}.")
-    whiten = Whitening(in_channels)
+    if head_std is not None and not (math.isfinite(head_std) and head_std > 0):
+        raise HooktrainError(f"model.head_std must be none or above 0, not {head_std!r}.")
+    whiten = Whitening(in_channels, random_bias=random_whiten_bias)
     widths = (width, 4 * width, 4 * width)
+    head = nn.Linear(widths[2], num_classes, bias=False)
+    if head_std is not None:
+        with torch.no_grad():
+            head.weight.mul_(head_std / head.weight.std())
     return nn.Sequential(
         OrderedDict(
             whiten=whiten,
@@ -121,7 +138,7 @@ def airbench_net(
             block3=_group(widths[1], widths[2], bn_momentum),
             pool=nn.MaxPool2d(3),
             flatten=nn.Flatten(),
-            head=nn.Linear(widths[2], num_classes, bias=False),
+            head=head,
             scale=Scale(logit_scale),
         )
     )

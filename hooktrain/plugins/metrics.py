@@ -257,12 +257,13 @@ class Metrics(Plugin):
         self._flush(state.step)
         self.history.append(report.to_dict())
         self._log(lambda writer: _log_epoch(writer, report, state.step))
-        figures = "  ".join(metric_text(name, value) for name, value in report.metrics.items())
-        _echo(
-            run,
-            f"epoch {report.epoch}/{run.recipe.epochs}  train loss {report.train_loss:.4f}  "
-            f"{figures}  {report.seconds:.1f} s",
-        )
+        parts = [
+            f"epoch {report.epoch}/{run.recipe.epochs}",
+            f"train loss {report.train_loss:.4f}",
+            *(metric_text(name, value) for name, value in report.metrics.items()),
+            f"{report.seconds:.1f} s",
+        ]
+        _echo(run, "  ".join(parts))
         self._write_json(run, finished=False)
 
     @hookimpl
