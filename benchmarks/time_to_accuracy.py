@@ -1,10 +1,11 @@
-"""Time to accuracy: hooktrain recipes against airbench94, on the same GPU and the same data copy.
+"""Time to accuracy: hooktrain recipes against airbench, on the same GPU and the same data copy.
 
 Every contestant trains ``--seeds`` seeds after one throwaway warm-up run (compilation, cuDNN
 autotuning and the allocator are paid there, and its time is reported on its own). Seeds are
 interleaved (seed 0 of every contestant, then seed 1, ...) so drift of the machine hits all
 alike. The table gives test accuracy and training seconds as mean ± std over seeds, and their
-ratios to airbench94's; ``results.md`` and ``results.json`` (every seed's figures) are rewritten
+ratios to the reference's (airbench94; airbench94_muon.py for the airbench94_muon recipe, with
+``--airbench-muon``); ``results.md`` and ``results.json`` (every seed's figures) are rewritten
 after each run, so a cut-off benchmark keeps what it finished.
 
     python benchmarks/time_to_accuracy.py --data-dir DATA --recipes resnet9_cifar10,resnet9_fast \
@@ -38,6 +39,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from airbench_muon_script import MUON, MUON_TIME_NOTE, MuonContestant, load_muon_script
 
 from hooktrain.config.overrides import apply_overrides
 from hooktrain.config.recipe import Recipe
@@ -49,7 +51,9 @@ from hooktrain.run.build import resolve_device
 from hooktrain.run.loop import train
 
 QUIET = ["metrics.progress=false", "metrics.tensorboard=false"]
-AIRBENCH = "airbench94"
+AIRBENCH = "airbench 0.1.8 train94"
+# The airbench contestant each hooktrain recipe is measured against (airbench94 by default).
+REFERENCE_OF = {"airbench94_muon": MUON}
 AIRBENCH_HINT = (
     "pass --airbench-src PATH (the airbench-0.1.8 sdist .tar.gz or its unpacked folder), "
     "pip install it, or leave it out with --no-airbench"
@@ -57,10 +61,10 @@ AIRBENCH_HINT = (
 OUR_TIME_NOTE = (
     "hooktrain recipes: training seconds are the sum of the epochs' wall times in the run's "
     "metrics.json: every training step plus the evaluation of the {test:,} test images after "
-    "each epoch (building the model, moving the data to the device and writing files are "
-    "outside). Accuracy: the final epoch's test accuracy. First run: the same figure for a "
-    "throwaway run of the first seed before the timed ones (torch.compile, cuDNN and "
-    "allocator warm-up)."
+    "each epoch the recipe evaluates (building the model, moving the data to the device and "
+    "writing files are outside). Accuracy: the final epoch's test accuracy. First run: the "
+    "same figure for a throwaway run of the first seed before the timed ones (torch.compile, "
+    "cuDNN and allocator warm-up)."
 )
 AIRBENCH_TIME_NOTE = (
     "airbench94: training seconds are airbench's own total_time_seconds (CUDA events): the "
@@ -101,6 +105,13 @@ def main() -> None:
         help="airbench sdist (.tar.gz) or source folder to import; default: installed airbench",
     )
     parser.add_argument("--no-airbench", action="store_true", help="leave airbench94 out")
+    parser.add_argument(
+        "--airbench-muon",
+        type=Path,
+        default=None,
+        help="airbench94_muon.py (KellerJordan/cifar10-airbench, commit 096d14d) to run as a "
+        "contestant too, on CUDA; the hooktrain recipe airbench94_muon is compared with it",
+    )
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
@@ -133,7 +144,10 @@ def benchmark(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="time-to-accuracy-") as scratch_name:
         scratch = Path(scratch_name)
         airbench, airbench_info = _prepare_airbench(args, device, scratch)
-        if airbench is not None:
+        muon = None
+        if args.airbench_muon is not None and device.type == "cuda":
+            muon = MuonContestant(load_muon_script(args.airbench_muon), scratch / "airbench")
+        if airbench is not None or muon is not None:
             airbench_info["data"] = _write_airbench_data(dataset, scratch / "airbench" / "cifar10")
 
         results: dict[str, Any] = {
@@ -151,6 +165,7 @@ def benchmark(args: argparse.Namespace) -> None:
             "notes": {
                 "hooktrain": OUR_TIME_NOTE.format(test=len(dataset.test)),
                 AIRBENCH: AIRBENCH_TIME_NOTE.format(test=len(dataset.test)),
+                MUON: MUON_TIME_NOTE,
             },
             "contestants": [
                 {
@@ -177,18 +192,35 @@ def benchmark(args: argparse.Namespace) -> None:
                     "runs": [],
                 }
             )
+        if muon is not None:
+            results["contestants"].append(
+                {
+                    "name": MUON,
+                    "kind": "muon",
+                    "epochs": 8,
+                    "train_limit": None,
+                    "seeds": list(range(args.seeds)),
+                    "warmup": None,
+                    "runs": [],
+                }
+            )
         print(_header(results), flush=True)
 
-        def run_one(contestant: dict[str, Any], seed: int, folder: Path) -> dict[str, Any]:
+        def run_one(
+            contestant: dict[str, Any], seed: int, folder: Path, warmup: bool = False
+        ) -> dict[str, Any]:
             if contestant["kind"] == "airbench":
                 return _run_airbench(airbench, scratch / "airbench", seed)
+            if contestant["kind"] == "muon":
+                assert muon is not None
+                return muon.run(seed, warmup)
             recipe = apply_overrides(recipes[contestant["name"]], [f"seed={seed}"])
             return _run_recipe(recipe, folder, args.data_dir, args.device)
 
         for number, contestant in enumerate(results["contestants"]):
             seed = contestant["seeds"][0]
             folder = scratch / "runs" / f"{number}-warmup"
-            contestant["warmup"] = run_one(contestant, seed, folder)
+            contestant["warmup"] = run_one(contestant, seed, folder, warmup=True)
             _report_run(contestant["name"], "first run (warm-up)", contestant["warmup"])
             _save(out, results)
         for index in range(args.seeds):
@@ -214,11 +246,6 @@ def _our_recipes(names: str, assignments: list[str]) -> dict[str, Recipe]:
         if not name:
             raise HooktrainError(
                 f"--recipes {names!r} has an empty name; give recipe names separated by commas."
-            )
-        if name == AIRBENCH:
-            raise HooktrainError(
-                f"{AIRBENCH} runs unless --no-airbench is given; --recipes takes hooktrain "
-                "recipes only."
             )
         if name in recipes:
             raise HooktrainError(f"--recipes names {name!r} twice; give each contestant once.")
@@ -478,8 +505,8 @@ def _summaries(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "first_run_seconds": warmup["train_seconds"] if warmup else None,
             "epochs": contestant["epochs"],
         }
-    reference = summaries.get(AIRBENCH)
-    for summary in summaries.values():
+    for name, summary in summaries.items():
+        reference = summaries.get(REFERENCE_OF.get(name, AIRBENCH))
         summary["accuracy_ratio"] = (
             summary["accuracy_percent"][0] / reference["accuracy_percent"][0] if reference else None
         )
@@ -530,14 +557,15 @@ def _table(results: dict[str, Any]) -> str:
         _header(results),
         "",
         "Mean ± std (n-1) over seeds. Training seconds exclude compilation and warm-up, which "
-        "the first run pays. **Our seconds include per-epoch evaluation on the "
-        f"{results['test_images']:,} test images; airbench94's are what airbench itself "
-        "reports (whitening init + training + one final TTA evaluation, no per-epoch "
-        "evaluation).** Ratios are to airbench94's means"
-        f"{'' if AIRBENCH in summaries else ' (n/a: airbench94 did not run)'}.",
+        "the first run pays. **Our seconds include the evaluations the recipe asks for (every "
+        f"epoch, or once at the end with eval_every) on the {results['test_images']:,} test "
+        "images; airbench's are what it reports itself (whitening init + training + one final "
+        "TTA evaluation).** Ratios are to the means of each recipe's reference: "
+        + ", ".join(f"{ours} to {theirs}" for ours, theirs in REFERENCE_OF.items())
+        + f", every other to {AIRBENCH} (n/a where the reference did not run).",
         "",
         "| contestant | epochs | seeds | test accuracy % | training s | "
-        "first run s (incl. compile) | accuracy ÷ airbench94 | time ÷ airbench94 |",
+        "first run s (incl. compile) | accuracy ÷ reference | time ÷ reference |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, summary in summaries.items():
@@ -560,8 +588,9 @@ def _table(results: dict[str, Any]) -> str:
                 "frame(s) with torch.compile instead of reusing the first run's, so their "
                 "seconds include some compilation."
             )
-    if AIRBENCH in summaries:
-        lines.append(f"- {results['notes'][AIRBENCH]}")
+    for reference in (AIRBENCH, MUON):
+        if reference in summaries:
+            lines.append(f"- {results['notes'][reference]}")
     lines.append("- Every seed's figures and per-epoch records: results.json.")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ PITFALLS.md), so float32 is held only to one step, at a tolerance any CPU meets.
 from __future__ import annotations
 
 import itertools
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +40,8 @@ from click.testing import CliRunner
 from torch import Tensor, nn
 
 from hooktrain.cli import main
+from hooktrain.config.overrides import apply_overrides
+from hooktrain.config.registry import load_recipe
 from hooktrain.core.evaluate import build_evaluate
 from hooktrain.core.state import TrainState
 from hooktrain.core.step import StepFn
@@ -47,8 +50,9 @@ from hooktrain.data.chain import Chain
 from hooktrain.data.epochwise import AlternatingFlip, Epoch
 from hooktrain.plugins.multi_crop import multi_crop_views
 from hooktrain.plugins.triangle import triangle_schedule
-from hooktrain.plugins.whitening import whitening_filters
+from hooktrain.plugins.whitening import spread_images, whitening_filters
 from hooktrain.recipes.airbench94 import TRICKS
+from hooktrain.run.build import device_data, load_splits
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 
@@ -298,3 +302,22 @@ def test_one_command_tabulates_what_each_trick_is_worth(tiny_cifar: Path, tmp_pa
         "augment=crop,flip,normalize",
         "augment=altflip,normalize",
     ]
+
+
+def test_whitening_reads_images_spread_over_a_copy_listed_class_by_class(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sorted"
+    for split in ("train", "test"):
+        for source in sorted((cifar_dir / split).iterdir()):
+            (folder / split / source.name).mkdir(parents=True)
+            for image in sorted(source.iterdir())[:10]:
+                shutil.copyfile(image, folder / split / source.name / image.name)
+    recipe = apply_overrides(load_recipe("airbench94"), ["batch_size=10", "eval_batch_size=7"])
+    data = device_data(recipe, load_splits(recipe, folder, print), torch.device("cpu"))
+    everything = torch.cat([x for x, _ in data.eval_batches("train")])
+    labels = torch.cat([y for _, y in data.eval_batches("train")])
+    assert labels.tolist() == sorted(labels.tolist())  # the copy lists its images by class
+    chosen = spread_images(data, 10)
+    torch.testing.assert_close(chosen, everything[::10], rtol=0, atol=0)
+    assert sorted(labels[::10].tolist()) == list(range(10))  # one image of every class

@@ -40,25 +40,28 @@ def whitening_filters(images: torch.Tensor, kernel: int, eps: float) -> torch.Te
     return torch.cat([filters, -filters])
 
 
-def first_images(data: DeviceData, count: int) -> torch.Tensor:
-    """The first ``count`` training images as evaluation feeds them to the model (the
-    deterministic pieces applied: normalised, no augmentation)."""
+def spread_images(data: DeviceData, count: int) -> torch.Tensor:
+    """``count`` training images as evaluation feeds them to the model (normalised, not
+    augmented): every k-th of the split, ``k = n // count``, so a copy listed class by class
+    (image folders) gives every class its share, and a shuffled one a random sample (as the
+    first 5,000 of CIFAR-10's official order are for airbench). Under torchrun each process
+    sees its share of the batches; rank 0's filters are the ones every process starts from.
+    """
+    stride = max(1, data.n_train // count)
     taken, seen = [], 0
     for x, _ in data.eval_batches("train"):
-        taken.append(x[: count - seen])
-        seen += len(taken[-1])
-        if seen >= count:
-            break
-    return torch.cat(taken)
+        taken.append(x[(-seen) % stride :: stride])
+        seen += len(x)
+    return torch.cat(taken)[:count]
 
 
 @attrs.define
 class Whitening(Plugin):
     """Set the frozen first convolution ``layer`` to whiten the training images' patches.
 
-    airbench94 computes it from the first 5,000 training images before training: the network
-    starts from decorrelated, unit-variance inputs, which it would otherwise spend its first
-    steps learning. The layer's weight must have ``2 * channels * kernel**2`` filters (the
+    airbench94 computes it from 5,000 training images before training (``spread_images``):
+    the network starts from decorrelated, unit-variance inputs, which it would otherwise spend
+    its first steps learning. The layer's weight must have ``2 * channels * kernel**2`` filters (the
     ``airbench_net`` model's ``whiten``).
     """
 
@@ -91,5 +94,5 @@ class Whitening(Plugin):
                 f"kernel**2 = {2 * channels * kernel**2} square filters, so give the layer that "
                 "many outputs."
             )
-        filters = whitening_filters(first_images(data, self.images), kernel, self.eps)
+        filters = whitening_filters(spread_images(data, self.images), kernel, self.eps)
         return {name: filters.to(weight.dtype)}
