@@ -69,8 +69,6 @@ def ours_from(reference: nn.Sequential, **model_args: Any) -> nn.Module:
     loaded = {}
     for key, value in reference.state_dict().items():
         index, _, rest = key.partition(".")
-        if key.endswith("num_batches_tracked"):
-            continue
         if "norm" in rest and rest.endswith("weight"):
             assert bool((value == 1).all()), "airbench's BatchNorm scales are frozen at 1"
             continue

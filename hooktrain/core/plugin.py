@@ -89,6 +89,16 @@ def check_saved_tensors(
         )
 
 
+def patterns(default: tuple[str, ...]) -> Any:  # an attrs field
+    """A setting of shell-style name patterns: a tuple of strings. A bare string, which would
+    be read letter by letter (``"*"`` matching everything), is refused in a sentence."""
+    return setting(
+        default,
+        lambda v: isinstance(v, tuple) and all(isinstance(p, str) for p in v),
+        "a tuple of name patterns, e.g. ('*.bias',) (a single pattern needs the comma)",
+    )
+
+
 def setting(
     default: Any, allowed: Callable[[Any], bool], requirement: str
 ) -> Any:  # an attrs field

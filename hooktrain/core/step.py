@@ -182,7 +182,9 @@ def build_step(pieces: StepPieces, compile: bool = False, compile_mode: str = "d
     ) -> tuple[NamedTensors, NamedTensors, OptState, dict[str, Any], torch.Tensor, dict]:
         grads, loss, new_buffers = gradients(params, buffers, key, x, y)
         if pieces.replicas is not None:
-            grads, loss, new_buffers = _average_replicas(pieces.replicas, grads, loss, new_buffers)
+            grads, loss, new_buffers = _average_replicas(
+                pieces.replicas, grads, loss, buffers, new_buffers
+            )
         new_params, new_opt_state, new_states, metrics = update(
             params, grads, opt_state, transform_states, key, loss
         )
@@ -226,17 +228,29 @@ def _tick(key: torch.Tensor) -> torch.Tensor:
 
 
 def _average_replicas(
-    replicas: Replicas, grads: NamedTensors, loss: torch.Tensor, buffers: NamedTensors
+    replicas: Replicas,
+    grads: NamedTensors,
+    loss: torch.Tensor,
+    old_buffers: NamedTensors,
+    buffers: NamedTensors,
 ) -> tuple[NamedTensors, torch.Tensor, NamedTensors]:
     """Gradients, loss and floating buffers averaged over the data-parallel replicas, in one
-    call so they share the all-reduce buckets."""
+    call so they share the all-reduce buckets.
+
+    Buffers average their change in this step (the replicas start it equal): a buffer no layer
+    updates (airbench's frozen whitening weight) stays bit for bit, where the mean of equal
+    values divided by 3 would round.
+    """
     averaged = [
         name for name, b in buffers.items() if replicas.average_buffers and b.is_floating_point()
     ]
-    means = replicas.average([*grads.values(), loss, *(buffers[name] for name in averaged)])
+    changes = [buffers[name] - old_buffers[name] for name in averaged]
+    means = replicas.average([*grads.values(), loss, *changes])
     count = len(grads)
     new_grads = dict(zip(grads, means[:count], strict=True))
-    new_buffers = {**buffers, **dict(zip(averaged, means[count + 1 :], strict=True))}
+    changed = zip(averaged, means[count + 1 :], strict=True)
+    moved = [old_buffers[name] + change for name, change in changed]
+    new_buffers = {**buffers, **dict(zip(averaged, moved, strict=True))}
     return new_grads, means[count], new_buffers
 
 

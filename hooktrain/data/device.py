@@ -350,20 +350,26 @@ class DeviceData:
         x = self._chain.apply(self.train.inputs, order, draws)
         return self._model_input(x), self.train.targets[order]
 
-    def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
+    def eval_batches(self, split: str, whole: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """The whole `split` ("test", "val" or "train") in order, in batches of
         `eval_batch_size`, with only the deterministic pieces applied (no augmentation).
 
         A data-parallel process gets every `shards`-th batch from its `shard`-th on; the
-        processes' sums together cover the split.
+        processes' sums together cover the split. With `whole`, every process gets it all.
         """
         data = self.split(split)
         no_draws = ({},) * len(self._eval_chain.pieces)
-        step = self.eval_batch_size * self.shards
-        for start in range(self.shard * self.eval_batch_size, len(data), step):
+        first, step = self._eval_slices(whole)
+        for start in range(first, len(data), step):
             end = start + self.eval_batch_size
             x = self._eval_chain.apply(data.inputs[start:end], None, no_draws)
             yield self._model_input(x), data.targets[start:end]
+
+    def _eval_slices(self, whole: bool) -> tuple[int, int]:
+        """Where this process's first evaluation batch starts, and the stride to its next."""
+        if whole:
+            return 0, self.eval_batch_size
+        return self.shard * self.eval_batch_size, self.eval_batch_size * self.shards
 
     def split(self, name: str) -> Split:
         """The split called ``name``: "train", "val" or "test"."""

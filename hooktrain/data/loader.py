@@ -218,12 +218,12 @@ class LoaderData(DeviceData):
         draws = [{name: t[rows] for name, t in d.items()} for d in plan.draws]
         return self._model_input(self._chain.apply(x, None, draws)), y
 
-    def eval_batches(self, split: str) -> Iterator[tuple[Tensor, Tensor]]:
+    def eval_batches(self, split: str, whole: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """DeviceData's evaluation batches of `split` ("test", "val" or "train"), read by the
         workers."""
         rows = self.split(split).rows
-        step = self.eval_batch_size * self.shards
-        starts = range(self.shard * self.eval_batch_size, len(rows), step)
+        first, step = self._eval_slices(whole)
+        starts = range(first, len(rows), step)
         batches = [rows[start : start + self.eval_batch_size] for start in starts]
         no_draws = ({},) * len(self._eval_chain.pieces)
         for position in range(len(batches)):

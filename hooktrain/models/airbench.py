@@ -55,27 +55,16 @@ class Whitening(nn.Module):
         return F.conv2d(x, self.weight, self.bias)
 
 
-class BiasBatchNorm(nn.Module):
-    """BatchNorm with its scale fixed at 1: only the shift (bias) is a parameter."""
+class BiasBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with its scale fixed at 1: only the shift (bias) is a parameter.
+
+    A BatchNorm2d (so data_parallel's SyncBatchNorm and swa's statistics recomputation treat it
+    as one) without a weight: ``affine=False`` and a bias of its own, which forward applies.
+    """
 
     def __init__(self, channels: int, momentum: float, eps: float = 1e-12) -> None:
-        super().__init__()
-        self.momentum, self.eps = momentum, eps
+        super().__init__(channels, eps=eps, momentum=momentum, affine=False)
         self.bias = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("running_mean", torch.zeros(channels))
-        self.register_buffer("running_var", torch.ones(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(
-            x,
-            self.running_mean,
-            self.running_var,
-            None,
-            self.bias,
-            self.training,
-            self.momentum,
-            self.eps,
-        )
 
 
 def _conv(c_in: int, c_out: int) -> nn.Conv2d:

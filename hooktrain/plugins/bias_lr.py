@@ -10,7 +10,8 @@ import attrs
 from hooktrain.core.context import BuildContext
 from hooktrain.core.hookspecs import hookimpl
 from hooktrain.core.pieces import ParamGroups
-from hooktrain.core.plugin import Plugin, setting
+from hooktrain.core.plugin import Plugin, patterns, setting
+from hooktrain.errors import HooktrainError
 
 SCALED, OTHER = "scaled", "other"
 
@@ -27,13 +28,20 @@ class BiasLR(Plugin):
 
     default_name = "bias_lr"
     scale: float = setting(64.0, lambda v: 0 < v < math.inf, "a positive number")
-    include: tuple[str, ...] = ("*norm*.bias",)
+    include: tuple[str, ...] = patterns(("*norm*.bias",))
     keep_decay: bool = True
 
     @hookimpl
     def hooktrain_param_groups(self, build: BuildContext) -> ParamGroups:
         def label_of(name: str) -> str:
             return SCALED if any(fnmatchcase(name, p) for p in self.include) else OTHER
+
+        names = build.param_names
+        if not any(label_of(name) == SCALED for name in names):
+            raise HooktrainError(
+                f"{self.name}.include {list(self.include)} matches no parameter of the model "
+                f"(its names start {', '.join(names[:3])}); fix the patterns or drop the plugin."
+            )
 
         return ParamGroups(
             label_of,

@@ -147,8 +147,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats and self.running_mean is not None:
             self._update_running_stats(mean.detach(), variance.detach(), n.detach())
         out = (x - mean.view(stat_shape)) * torch.rsqrt(variance + self.eps).view(stat_shape)
-        if self.affine:
-            out = out * self.weight.view(stat_shape) + self.bias.view(stat_shape)
+        # Whatever scale and shift the layer has (airbench's BatchNorm has a shift alone).
+        if self.weight is not None:
+            out = out * self.weight.view(stat_shape)
+        if self.bias is not None:
+            out = out + self.bias.view(stat_shape)
         return out.to(input.dtype)
 
     @torch.no_grad()

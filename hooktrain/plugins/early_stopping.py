@@ -29,7 +29,8 @@ class EarlyStopping(Plugin):
     ends finished after that epoch, with the reason in config.json and metrics.json. The best
     score and the count of epochs without improvement are kept in checkpoints, so a resumed
     run stops where the uninterrupted one would. Every process under torchrun evaluates the
-    same figures, so all decide alike.
+    same figures, so all decide alike. With the recipe's ``eval_every``, only evaluated epochs
+    count: ``patience`` is in evaluations.
     """
 
     default_name = "early_stopping"
@@ -79,7 +80,8 @@ class EarlyStopping(Plugin):
         if waited < self.patience:
             return None
         name = run.chosen_metric(self.name, "metric", self.metric)
-        epochs = f"{waited} epoch{'s' if waited != 1 else ''}"
+        unit = "evaluated epoch" if run.recipe.eval_every > 1 else "epoch"
+        epochs = f"{waited} {unit}{'s' if waited != 1 else ''}"
         if self.best is None:
             return f"{name} was not a number for {epochs}"
         by = f" by more than {self.min_delta:g}" if self.min_delta else ""

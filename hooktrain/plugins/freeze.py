@@ -11,7 +11,7 @@ import torch
 from hooktrain.core.context import BuildContext
 from hooktrain.core.hookspecs import hookimpl
 from hooktrain.core.pieces import GradientTransform, Tensors
-from hooktrain.core.plugin import Plugin, setting
+from hooktrain.core.plugin import Plugin, patterns, setting
 from hooktrain.errors import HooktrainError
 
 
@@ -37,7 +37,8 @@ def freeze_after(
         factor = torch.where(training, 1.0, 0.0)
         if ramp_from is not None:
             ramped = ramp_from * (1 - (count - 1).to(lr.dtype) / after_steps) / lr
-            factor = torch.where(training, ramped, 0.0)
+            # Where the schedule's rate is 0 the update is 0: the parameter stays, not NaN.
+            factor = torch.where(training & (lr > 0), ramped, 0.0)
         new_updates = list(updates)
         for index in frozen:
             new_updates[index] = updates[index] * factor.to(updates[index].dtype)
@@ -59,7 +60,7 @@ class Freeze(Plugin):
     """
 
     default_name = "freeze"
-    include: tuple[str, ...] = ("whiten.bias",)
+    include: tuple[str, ...] = patterns(("whiten.bias",))
     epochs: int = setting(3, lambda v: isinstance(v, int) and v >= 0, "a whole number, 0 or more")
     ramp: bool = False
 

@@ -112,7 +112,9 @@ def _is_epoch_record(record: Any) -> bool:
 def _log_start(writer: SummaryWriter, run: RunContext) -> None:
     """What a run's TensorBoard shows from its start: a batch, the config, its hparams."""
     if run.data.train.is_image:
-        plan = run.data.epoch_plan(torch.Generator().manual_seed(run.recipe.seed))
+        plan = run.data.epoch_plan(
+            torch.Generator().manual_seed(run.recipe.seed), 0, run.recipe.seed
+        )
         images, _ = run.data.train_batch(plan, 0)
         grid = make_grid(run.data.denormalize(images[:64]).float().cpu(), nrow=8)
         writer.add_image("train/augmented_batch", grid, 0)

@@ -12,6 +12,7 @@ from hooktrain.core.context import BuildContext
 from hooktrain.core.hookspecs import hookimpl
 from hooktrain.core.pieces import EvalViews
 from hooktrain.core.plugin import Plugin, setting
+from hooktrain.errors import HooktrainError
 
 View = tuple[torch.Tensor, float]
 
@@ -57,4 +58,15 @@ class MultiCrop(Plugin):
 
     @hookimpl
     def hooktrain_eval_views(self, build: BuildContext) -> EvalViews:
+        shape = build.facts.get("input_shape")
+        if shape is not None and len(shape) != 3:
+            raise HooktrainError(
+                f"{self.name} mirrors and shifts images, but this run's inputs have the shape "
+                f"{tuple(shape)}, not (channels, height, width); drop the plugin."
+            )
+        if shape is not None and self.level == 2 and self.shift >= min(shape[1:]):
+            raise HooktrainError(
+                f"{self.name}.shift is {self.shift}, but the images are {shape[1]}x{shape[2]}: "
+                f"a shift must be below their size; set {self.name}.shift to 1 or so."
+            )
         return multi_crop_views(self.level, self.shift)

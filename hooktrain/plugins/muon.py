@@ -11,7 +11,7 @@ import torch
 from hooktrain.core.context import BuildContext
 from hooktrain.core.hookspecs import hookimpl
 from hooktrain.core.optim import Optimizer, OptState, Tensors
-from hooktrain.core.plugin import Plugin, setting
+from hooktrain.core.plugin import Plugin, patterns, setting
 from hooktrain.errors import HooktrainError
 
 # The quintic's coefficients, chosen (by Muon's author) for the steepest slope at zero.
@@ -103,7 +103,7 @@ class Muon(Plugin):
     nesterov: bool = True
     steps: int = setting(3, lambda v: isinstance(v, int) and v >= 1, "a whole number, 1 or more")
     lr_scale: float = setting(1.0, lambda v: 0 < v < math.inf, "a positive number")
-    include: tuple[str, ...] = ()
+    include: tuple[str, ...] = patterns(())
 
     def chooses(self, name: str, ndim: int) -> bool:
         """Whether Muon trains the parameter ``name`` of ``ndim`` dimensions."""

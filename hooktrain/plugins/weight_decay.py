@@ -11,7 +11,7 @@ import attrs
 from hooktrain.core.context import BuildContext
 from hooktrain.core.hookspecs import hookimpl
 from hooktrain.core.pieces import DecayRule
-from hooktrain.core.plugin import Plugin, setting
+from hooktrain.core.plugin import Plugin, patterns, setting
 
 
 @attrs.define
@@ -27,8 +27,8 @@ class WeightDecay(Plugin):
     default_name = "weight_decay"
     rate: float = setting(1e-4, lambda v: 0 <= v < math.inf, "0 or a positive number")
     mode: Literal["auto", "coupled", "decoupled"] = "auto"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+    include: tuple[str, ...] = patterns(())
+    exclude: tuple[str, ...] = patterns(())
 
     def decays(self, name: str, ndim: int) -> bool:
         """Whether the parameter ``name`` of ``ndim`` dimensions decays."""

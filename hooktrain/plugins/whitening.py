@@ -44,12 +44,12 @@ def spread_images(data: DeviceData, count: int) -> torch.Tensor:
     """``count`` training images as evaluation feeds them to the model (normalised, not
     augmented): every k-th of the split, ``k = n // count``, so a copy listed class by class
     (image folders) gives every class its share, and a shuffled one a random sample (as the
-    first 5,000 of CIFAR-10's official order are for airbench). Under torchrun each process
-    sees its share of the batches; rank 0's filters are the ones every process starts from.
+    first 5,000 of CIFAR-10's official order are for airbench). Every process of a torchrun
+    reads the whole split, so all compute the filters a single process would.
     """
     stride = max(1, data.n_train // count)
     taken, seen = [], 0
-    for x, _ in data.eval_batches("train"):
+    for x, _ in data.eval_batches("train", whole=True):
         taken.append(x[(-seen) % stride :: stride])
         seen += len(x)
     return torch.cat(taken)[:count]
