@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from conftest import assert_user_error
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, update_bn
@@ -273,17 +273,22 @@ def test_early_stopping_state_round_trips_and_refuses_malformed_state() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def run_stopping_cli(data_dir: Path, out: Path, sets: list[str]) -> Result:
+    """``hooktrain run`` of the tiny flagship with early stopping, at a constant rate."""
+    return CliRunner().invoke(
+        main,
+        ["run", FLAGSHIP, "--with", "early_stopping", "--without", "onecycle", "--device", "cpu"]
+        + ["--data-dir", str(data_dir), "--out", str(out)]
+        + [arg for s in sets for arg in ("--set", s)],
+    )
+
+
 def test_a_stopped_run_ends_finished_through_the_command_line(
     real_images: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
     sets = [*TINY, "epochs=3", "early_stopping.patience=1", *NEVER_IMPROVES]
-    result = CliRunner().invoke(
-        main,
-        ["run", FLAGSHIP, "--with", "early_stopping", "--without", "onecycle", "--device", "cpu"]
-        + ["--data-dir", str(real_images), "--out", str(out)]
-        + [arg for s in sets for arg in ("--set", s)],
-    )
+    result = run_stopping_cli(real_images, out, sets)
     assert result.exit_code == 0, result.output
     config, metrics = run_files(out)
     reason = never_improved_reason(metrics)
@@ -303,12 +308,7 @@ def test_eval_every_evaluates_every_nth_epoch_and_the_last_and_stopping_counts_o
 ) -> None:
     out = tmp_path / "run"
     sets = [*TINY, "epochs=5", "eval_every=2", "early_stopping.patience=1", *NEVER_IMPROVES]
-    result = CliRunner().invoke(
-        main,
-        ["run", FLAGSHIP, "--with", "early_stopping", "--without", "onecycle", "--device", "cpu"]
-        + ["--data-dir", str(real_images), "--out", str(out)]
-        + [arg for s in sets for arg in ("--set", s)],
-    )
+    result = run_stopping_cli(real_images, out, sets)
     assert result.exit_code == 0, result.output
     _, metrics = run_files(out)
     evaluated = [epoch["epoch"] for epoch in metrics["epochs"] if "test_accuracy" in epoch]

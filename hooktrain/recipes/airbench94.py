@@ -47,15 +47,17 @@ MOMENTUM = 0.85
 LR_PER_1024 = 11.5  # airbench's learning rate, per 1,024 examples of a summed loss
 DECAY_PER_1024 = 0.0153
 
+AUGMENT = (
+    Ref("crop", pad=2, mode="reflect"),
+    Ref("altflip"),
+    Ref("normalize", mean=AIRBENCH_MEAN, std=AIRBENCH_STD),
+)
+
 recipe = Recipe(
     name="airbench94",
     model=Ref("airbench_net", width=64, bn_momentum=0.4, logit_scale=1 / 9),
     data=Ref("cifar10"),
-    augment=(
-        Ref("crop", pad=2, mode="reflect"),
-        Ref("altflip"),
-        Ref("normalize", mean=AIRBENCH_MEAN, std=AIRBENCH_STD),
-    ),
+    augment=AUGMENT,
     epochs=10,
     batch_size=1024,
     eval_batch_size=2000,

@@ -28,7 +28,7 @@ from hooktrain.plugins.muon import Muon
 from hooktrain.plugins.triangle import Triangle
 from hooktrain.plugins.weight_decay import WeightDecay
 from hooktrain.plugins.whitening import Whitening
-from hooktrain.recipes.airbench94 import AIRBENCH_MEAN, AIRBENCH_STD
+from hooktrain.recipes.airbench94 import AUGMENT
 
 BATCH = 2000
 BIAS_LR, HEAD_LR, MUON_LR = 0.053, 0.67, 0.24  # airbench94_muon's, per summed loss
@@ -46,11 +46,7 @@ recipe = Recipe(
         random_whiten_bias=True,
     ),
     data=Ref("cifar10"),
-    augment=(
-        Ref("crop", pad=2, mode="reflect"),
-        Ref("altflip"),
-        Ref("normalize", mean=AIRBENCH_MEAN, std=AIRBENCH_STD),
-    ),
+    augment=AUGMENT,
     epochs=8,
     batch_size=BATCH,
     eval_batch_size=2000,
