@@ -87,6 +87,18 @@ def adam(
     return Optimizer("adamw" if decoupled_decay else "adam", init, update, decoupled_decay)
 
 
+def momentum_direction(
+    buffers: Tensors, grads: Tensors, momentum: float, nesterov: bool
+) -> tuple[Tensors, Tensors]:
+    """The step's direction and the new momentum buffers, as torch.optim.SGD without dampening
+    computes them (Nesterov's look-ahead with ``nesterov``); SGD and Muon share it."""
+    # torch.optim.SGD starts the buffer as a copy of the first gradient: the same as
+    # momentum * 0 + grad, so a zero start needs no first-step branch.
+    buffers = torch._foreach_add(torch._foreach_mul(buffers, momentum), grads)
+    direction = torch._foreach_add(grads, buffers, alpha=momentum) if nesterov else buffers
+    return direction, buffers
+
+
 def sgd(momentum: float = 0.9, nesterov: bool = True) -> Optimizer:
     """SGD with (Nesterov) momentum, numerically as ``torch.optim.SGD`` without dampening."""
 
@@ -99,10 +111,7 @@ def sgd(momentum: float = 0.9, nesterov: bool = True) -> Optimizer:
     def update(
         grads: Tensors, state: OptState, params: Tensors, lr: torch.Tensor
     ) -> tuple[Tensors, OptState]:
-        # torch.optim.SGD starts the buffer as a copy of the first gradient: the same as
-        # momentum * 0 + grad, so a zero start needs no first-step branch.
-        buffer = torch._foreach_add(torch._foreach_mul(state["momentum_buffer"], momentum), grads)
-        direction = torch._foreach_add(grads, buffer, alpha=momentum) if nesterov else buffer
+        direction, buffer = momentum_direction(state["momentum_buffer"], grads, momentum, nesterov)
         return torch._foreach_mul(direction, -lr), {
             "count": state["count"] + 1,
             "momentum_buffer": buffer,

@@ -10,7 +10,7 @@ import torch
 
 from hooktrain.core.context import BuildContext
 from hooktrain.core.hookspecs import hookimpl
-from hooktrain.core.optim import Optimizer, OptState, Tensors
+from hooktrain.core.optim import Optimizer, OptState, Tensors, momentum_direction
 from hooktrain.core.plugin import Plugin, patterns, setting
 from hooktrain.errors import HooktrainError
 
@@ -64,12 +64,10 @@ def muon(
     def update(
         grads: Tensors, state: OptState, params: Tensors, lr: torch.Tensor
     ) -> tuple[Tensors, OptState]:
-        own_grads = pick(grads, mine)
-        buffers = torch._foreach_add(
-            torch._foreach_mul(state["momentum_buffer"], momentum), own_grads
+        directions, buffers = momentum_direction(
+            state["momentum_buffer"], pick(grads, mine), momentum, nesterov
         )
-        directions = torch._foreach_add(own_grads, buffers, alpha=momentum) if nesterov else buffers
-        updates: Tensors = [torch.empty(0)] * len(params)
+        updates: dict[int, torch.Tensor] = {}
         for index, param, direction in zip(mine, pick(params, mine), directions, strict=True):
             shape = direction.shape
             orthogonal = newton_schulz(direction.reshape(shape[0], -1), steps).view(shape)
@@ -79,9 +77,11 @@ def muon(
         fallback_updates, fallback_state = fallback.update(
             pick(grads, others), state["fallback"], pick(params, others), lr
         )
-        for index, change in zip(others, fallback_updates, strict=True):
-            updates[index] = change
-        return updates, {"momentum_buffer": buffers, "fallback": fallback_state}
+        updates.update(zip(others, fallback_updates, strict=True))
+        return [updates[i] for i in range(len(params))], {
+            "momentum_buffer": buffers,
+            "fallback": fallback_state,
+        }
 
     return Optimizer(f"muon+{fallback.name}", init, update)
 
